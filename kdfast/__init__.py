@@ -1,0 +1,30 @@
+"""kdfast: fused kernels for knowledge distillation of vision models.
+
+``kdfast.ops`` is the functional API, ``kdfast.nn`` the drop-in modules, ``kdfast.reference`` the plain-PyTorch
+specification every backend is tested against. ``kdfast.info()`` says which backends this install has.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def info() -> dict[str, str]:
+    """Backends and versions of this install: each backend maps to "available" or the reason it is not."""
+    import torch
+
+    from kdfast import _backend
+
+    triton = _backend.triton_error()
+    extension = _backend.extension_error()
+    has_cuda = torch.cuda.is_available()
+    return {
+        "kdfast": __version__,
+        "torch": torch.__version__,
+        "devices": "cpu" + (f", cuda ({torch.cuda.get_device_name()})" if has_cuda else ""),
+        "reference": "available",
+        "cpp": extension or "available",
+        "cuda": extension or ("available" if has_cuda else "no CUDA device"),
+        "triton": triton
+        or ("available" if has_cuda else "interpreter only (TRITON_INTERPRET=1)" if _backend.triton_interpreting() else "no CUDA device; set TRITON_INTERPRET=1 to run the kernels on CPU"),
+    }

@@ -1,0 +1,136 @@
+"""Which implementation of an op runs: backend availability and selection (design.md section 2).
+
+Backends: ``triton`` (Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``cuda``
+and ``cpp`` (the compiled extension ``kdfast._C``, CUDA and CPU kernels), ``reference`` (kdfast.reference).
+
+How a request is resolved, for one call of an op on one device:
+
+- an explicit ``backend=`` argument is strict: if that backend cannot run the call, a ValueError says why;
+- ``KDFAST_BACKEND`` is a preference for every op: where it cannot run a call, the op falls back to ``auto``
+  with one warning per (op, backend);
+- ``auto`` picks the fastest available implementation for the device (CUDA: cuda, triton, reference; CPU: cpp,
+  reference). If the compiled extension is missing, one warning says so and names the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
+
+# Fastest first. Triton on CPU tensors is the interpreter: correct but slow, so never chosen automatically.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
+
+_warned: set[tuple[str, str]] = set()
+
+
+@functools.cache
+def extension_error() -> str | None:
+    """Why ``kdfast._C`` (the C++/CUDA extension) cannot be loaded, or None when it is loaded."""
+    if os.environ.get("KDFAST_NO_EXTENSION") == "1":
+        return "disabled by KDFAST_NO_EXTENSION=1"
+    try:
+        importlib.import_module("kdfast._C")
+    except ImportError as exc:
+        return (
+            f"the compiled extension kdfast._C is not importable ({exc}); reinstall with "
+            "`pip install --no-build-isolation -e .` on a machine with a C++ compiler"
+        )
+    return None
+
+
+@functools.cache
+def triton_error() -> str | None:
+    """Why Triton kernels cannot be imported, or None when they can."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    return None
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels on CPU tensors through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _has_compiled_kernel(kernel: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"kdfast::{kernel}", key)
+
+
+def unavailable_reason(backend: str, kernel: str, device_type: str, implemented: tuple[str, ...]) -> str | None:
+    """Why ``backend`` cannot run the op whose compiled kernel is ``kernel`` on ``device_type``; None if it can."""
+    if backend not in implemented:
+        return f"the op has no {backend} implementation (it has: {', '.join(implemented)})"
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if triton_error() is not None:
+            return triton_error()
+        if device_type == "cuda" or (device_type == "cpu" and triton_interpreting()):
+            return None
+        return f"Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for {device_type} tensors"
+    wanted = {"cpp": "cpu", "cuda": "cuda"}[backend]
+    if device_type != wanted:
+        return f"the {backend} backend runs on {wanted} tensors, got {device_type} tensors"
+    if extension_error() is not None:
+        return extension_error()
+    if not _has_compiled_kernel(kernel, device_type):
+        return f"kdfast._C was built without the {device_type} kernel {kernel}"
+    return None
+
+
+def _warn_once(op: str, backend: str, message: str) -> None:
+    if (op, backend) not in _warned:
+        _warned.add((op, backend))
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _auto(op: str, kernel: str, device_type: str, implemented: tuple[str, ...]) -> str:
+    order = _AUTO_ORDER.get(device_type, ("reference",))
+    for backend in order:
+        if backend in implemented and unavailable_reason(backend, kernel, device_type, implemented) is None:
+            # A compiled kernel the op has but the build lacks is worth one loud warning.
+            best = next(b for b in order if b in implemented)
+            if best != backend:
+                reason = unavailable_reason(best, kernel, device_type, implemented)
+                _warn_once(op, best, f"kdfast.{op}: {best} backend unavailable ({reason}); using {backend}")
+            return backend
+    raise AssertionError("the reference backend is always available")
+
+
+# Resolved when torch.compile traces a call, then baked into the graph: selection is not a graph break.
+@torch.compiler.assume_constant_result
+def resolve(op: str, kernel: str, requested: str | None, device_type: str, implemented: tuple[str, ...]) -> str:
+    """The concrete backend for one call of ``op``.
+
+    Args:
+        op: public op name, used in messages (``"slot_match_loss"``).
+        kernel: name of the op's forward kernel in the compiled extension (``"_slot_match_loss_forward"``),
+            used to tell whether the build has it for this device.
+        requested: ``backend=`` argument, or None to use ``KDFAST_BACKEND`` (default ``auto``).
+        device_type: ``"cpu"`` or ``"cuda"``: where the op's tensors are.
+        implemented: the backends this op has.
+    """
+    from_env = requested is None
+    if from_env:
+        requested = os.environ.get("KDFAST_BACKEND", "auto") or "auto"
+    if requested not in BACKENDS:
+        source = "KDFAST_BACKEND" if from_env else "backend"
+        raise ValueError(f"kdfast.{op}: {source} must be one of {', '.join(BACKENDS)}; got {requested!r}")
+    if requested == "auto":
+        return _auto(op, kernel, device_type, implemented)
+    reason = unavailable_reason(requested, kernel, device_type, implemented)
+    if reason is None:
+        return requested
+    if from_env:
+        chosen = _auto(op, kernel, device_type, implemented)
+        _warn_once(op, requested, f"kdfast.{op}: KDFAST_BACKEND={requested} cannot run here ({reason}); using {chosen}")
+        return chosen
+    raise ValueError(f"kdfast.{op}: backend={requested!r} cannot run here: {reason}. Use backend='auto' or 'reference'.")

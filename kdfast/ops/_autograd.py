@@ -1,0 +1,71 @@
+"""Backward of the reference backend: the vector-Jacobian product of kdfast.reference, run inside a custom op.
+
+Ops without a hand-written backward for a backend compute it by autograd through the reference. A custom op's
+implementation runs with the autograd dispatch keys excluded, so autograd records nothing there; ``_recording``
+lifts that exclusion for the reference's own graph and restores it after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+_AUTOGRAD_KEYS = (
+    torch._C.DispatchKey.AutogradFunctionality,
+    torch._C.DispatchKey.AutogradOther,
+    torch._C.DispatchKey.AutogradNestedTensor,
+)
+
+
+@contextlib.contextmanager
+def _recording():
+    excluded = [torch._C._dispatch_tls_is_dispatch_key_excluded(key) for key in _AUTOGRAD_KEYS]
+    for key in _AUTOGRAD_KEYS:
+        torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for key, was_excluded in zip(_AUTOGRAD_KEYS, excluded):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(key, was_excluded)
+
+
+def reference_vjp(
+    fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
+    inputs: Sequence[torch.Tensor | None],
+    grad_outputs: Sequence[torch.Tensor | None],
+    *args,
+    needs: Sequence[bool] | None = None,
+) -> list[torch.Tensor]:
+    """Gradients of ``fn(*inputs, *args)`` with respect to each tensor of ``inputs``.
+
+    Outputs whose gradient is None are ignored. Inputs that are None, or whose entry of ``needs`` is False,
+    get an empty tensor (a custom op cannot return None); an input the outputs do not depend on gets zeros.
+    Gradients are contiguous.
+    """
+    needs = [True] * len(inputs) if needs is None else needs
+    with _recording():
+        leaves = [
+            None if x is None else x.detach().requires_grad_(need and x.is_floating_point())
+            for x, need in zip(inputs, needs)
+        ]
+        outputs = fn(*leaves, *args)
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+        wanted = [x for x in leaves if x is not None and x.requires_grad]
+        grads = iter(
+            torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+            if pairs and wanted
+            else [None] * len(wanted)
+        )
+    result = []
+    for x in leaves:
+        if x is None or not x.requires_grad:
+            result.append(torch.empty(0))
+        else:
+            grad = next(grads)
+            # Contiguous, as the fake implementations promise, whatever layout autograd produced.
+            result.append(torch.zeros_like(x) if grad is None else grad.contiguous())
+    return result

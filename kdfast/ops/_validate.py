@@ -1,0 +1,72 @@
+"""Input checks shared by every public op: each failure names the argument and what was expected.
+
+Mixed dtypes (autocast policy): inside a ``torch.autocast`` region some inputs of an op arrive in the autocast
+dtype (bf16/fp16, from a matmul) and others in float32 (from a norm or a parameter). kdfast accepts that and
+computes in the widest floating dtype among the inputs, at least float32; see ``compute_dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, value, layout: str, *, floating: bool = True) -> torch.Tensor:
+    """Check that ``value`` is a tensor with one dimension per letter group of ``layout`` ("(B, K, D)")."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value).__name__}")
+    ndim = len(layout.strip("()").split(","))
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(value.shape)}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {value.dtype}")
+    return value
+
+
+def nonempty(name: str, value: torch.Tensor, layout: str) -> None:
+    if value.numel() == 0:
+        raise ValueError(f"{name} must have no zero-sized dimension {layout}, got shape {tuple(value.shape)}")
+
+
+def same_size(what: str, **sizes: int) -> None:
+    """Check that named sizes agree, e.g. ``same_size("batch size B", student=4, teacher=5)``."""
+    values = set(sizes.values())
+    if len(values) > 1:
+        listed = ", ".join(f"{name} has {size}" for name, size in sizes.items())
+        raise ValueError(f"{what} must match: {listed}")
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+        raise ValueError(f"all tensors must be on one device: {listed}")
+    return devices.pop()
+
+
+def finite(name: str, value: float, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
+    return float(value)
+
+
+def choice(name: str, value: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype an op computes in: the inputs' dtype, or for mixed inputs the widest, at least float32."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    widest = torch.float32
+    for dtype in dtypes:
+        widest = torch.promote_types(widest, dtype)
+    return widest

@@ -1,0 +1,280 @@
+"""Batched slot cosine matching: SlotMatch's distillation loss and the slot similarity matrix (design.md 3.2).
+
+Public functions validate their inputs, pick a backend and call one custom op in the ``kdfast`` namespace:
+
+    kdfast::slot_cosine_similarity(a, b, eps, backend)                    -> (B, K, M)
+    kdfast::slot_match_loss(student, teacher, assignment, reduction, eps, backend) -> scalar or (B, K)
+    kdfast::slot_assignment(similarity)                                   -> (B, K) int64
+
+Each differentiable op has a fake implementation and an autograd formula whose backward is itself a custom op
+(``..._backward``), so torch.compile(fullgraph=True) traces through them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from kdfast import _backend, reference
+from kdfast.ops import _validate
+from kdfast.ops._autograd import reference_vjp
+
+_IMPLEMENTED = ("triton", "cpp", "reference")
+MATCHINGS = ("index", "hungarian")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _kernels():
+    return importlib.import_module("kdfast.kernels.slot_match")
+
+
+def _within_triton_limit(op: str, backend: str, requested: str | None, device_type: str, *sizes: int) -> str:
+    """Triton handles at most ``MAX_SLOTS`` slots per program; above that, name the fallback (or take it)."""
+    if backend != "triton":
+        return backend
+    limit = _kernels().MAX_SLOTS
+    if max(sizes) <= limit:
+        return backend
+    fallback = "cpp" if device_type == "cpu" else "reference"
+    if requested == "triton":
+        raise ValueError(
+            f"kdfast.{op}: the triton backend handles at most {limit} slots per batch element, got {max(sizes)}; "
+            f"use backend={fallback!r}"
+        )
+    return fallback
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kdfast::slot_cosine_similarity
+
+
+@torch.library.custom_op("kdfast::slot_cosine_similarity", mutates_args=())
+def _slot_cosine_similarity(a: Tensor, b: Tensor, eps: float, backend: str) -> Tensor:
+    if backend == "triton":
+        return _kernels().slot_cosine_similarity_forward(a, b, eps)
+    if backend in ("cpp", "cuda"):
+        return torch.ops.kdfast._slot_cosine_similarity_forward(a, b, eps)
+    return reference.slot_cosine_similarity(a, b, eps)
+
+
+@_slot_cosine_similarity.register_fake
+def _(a, b, eps, backend):
+    return a.new_empty(a.shape[0], a.shape[1], b.shape[1])
+
+
+@torch.library.custom_op("kdfast::slot_cosine_similarity_backward", mutates_args=())
+def _slot_cosine_similarity_backward(grad: Tensor, a: Tensor, b: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _kernels().slot_cosine_similarity_backward(grad, a, b, eps)
+    if backend in ("cpp", "cuda"):
+        return torch.ops.kdfast._slot_cosine_similarity_backward(grad, a, b, eps)
+    grad_a, grad_b = reference_vjp(reference.slot_cosine_similarity, (a, b), (grad,), eps)
+    return grad_a, grad_b
+
+
+@_slot_cosine_similarity_backward.register_fake
+def _(grad, a, b, eps, backend):
+    return a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _cosine_setup(ctx, inputs, output):
+    a, b, ctx.eps, ctx.backend = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _cosine_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad_a, grad_b = _slot_cosine_similarity_backward(grad, a, b, ctx.eps, ctx.backend)
+    return grad_a, grad_b, None, None
+
+
+_slot_cosine_similarity.register_autograd(_cosine_backward, setup_context=_cosine_setup)
+
+
+def slot_cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8, *, backend: str | None = None) -> Tensor:
+    """Cosine similarity of every pair of slots, per batch element.
+
+    ``out[b, i, m] = <a_i, b_m> / (max(|a_i|, eps) * max(|b_m|, eps))``: a zero vector has cosine 0 with
+    everything, and NaN inputs give NaN exactly where the reference does.
+
+    Args:
+        a: (B, K, D) float16, bfloat16, float32 or float64.
+        b: (B, M, D), same device; a different float dtype is promoted (autocast policy).
+        eps: norm clamp, finite and positive.
+        backend: ``auto``, ``triton``, ``cpp``, ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
+
+    Returns:
+        (B, K, M) in the inputs' dtype. Differentiable in ``a`` and ``b``.
+    """
+    _check_slots("a", a, "b", b)
+    eps = _validate.finite("eps", eps, positive=True)
+    dtype = _validate.compute_dtype(a, b)
+    chosen = _backend.resolve("slot_cosine_similarity", "_slot_cosine_similarity_forward", backend, a.device.type, _IMPLEMENTED)
+    chosen = _within_triton_limit("slot_cosine_similarity", chosen, backend, a.device.type, a.shape[1], b.shape[1])
+    return _slot_cosine_similarity(a.to(dtype), b.to(dtype), eps, chosen)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kdfast::slot_assignment
+
+
+@torch.library.custom_op("kdfast::slot_assignment", mutates_args=())
+def _slot_assignment(similarity: Tensor) -> Tensor:
+    return reference.slot_assignment(similarity)
+
+
+@_slot_assignment.register_fake
+def _(similarity):
+    return similarity.new_empty(similarity.shape[:2], dtype=torch.long)
+
+
+def slot_assignment(similarity: Tensor) -> Tensor:
+    """Hungarian matching: for each batch element, the column assigned to each row maximising the total.
+
+    Args:
+        similarity: (B, K, M) float tensor with K <= M, finite.
+
+    Returns:
+        (B, K) int64 on ``similarity``'s device: row i is matched with column ``out[b, i]``; distinct columns.
+        Exact (scipy.optimize.linear_sum_assignment, deterministic tie-breaking); no gradient.
+    """
+    _validate.tensor("similarity", similarity, "(B, K, M)")
+    _validate.nonempty("similarity", similarity, "(B, K, M)")
+    if similarity.shape[1] > similarity.shape[2]:
+        raise ValueError(f"similarity (B, K, M) needs K <= M to give every row a column, got {tuple(similarity.shape)}")
+    return _slot_assignment(similarity.detach())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# kdfast::slot_match_loss
+
+
+def _reference_slot_losses(student: Tensor, teacher: Tensor, assignment: Tensor | None, eps: float) -> Tensor:
+    """Per-slot 1 - cos(student_i, teacher_assignment(i)), through the reference: (B, K)."""
+    B, K, D = student.shape
+    if assignment is not None:
+        teacher = teacher.gather(1, assignment.unsqueeze(-1).expand(B, K, D))
+    cos = reference.slot_cosine_similarity(student.reshape(B * K, 1, D), teacher.reshape(B * K, 1, D), eps)
+    return 1 - cos.view(B, K)
+
+
+def _reduce(losses: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    if reduction == "mean":
+        losses = losses.mean()
+    elif reduction == "sum":
+        losses = losses.sum()
+    return losses.to(dtype)
+
+
+def _reference_slot_match_loss(student, teacher, assignment, reduction, eps):
+    return _reduce(_reference_slot_losses(student, teacher, assignment, eps), reduction, student.dtype)
+
+
+@torch.library.custom_op("kdfast::slot_match_loss", mutates_args=())
+def _slot_match_loss(student: Tensor, teacher: Tensor, assignment: Tensor | None, reduction: str, eps: float, backend: str) -> Tensor:
+    if backend == "triton":
+        losses = _kernels().slot_match_loss_forward(student, teacher, assignment, eps)
+    elif backend in ("cpp", "cuda"):
+        losses = torch.ops.kdfast._slot_match_loss_forward(student, teacher, assignment, eps)
+    else:
+        return _reference_slot_match_loss(student, teacher, assignment, reduction, eps)
+    return _reduce(losses, reduction, student.dtype)
+
+
+@_slot_match_loss.register_fake
+def _(student, teacher, assignment, reduction, eps, backend):
+    return student.new_empty(student.shape[:2] if reduction == "none" else ())
+
+
+@torch.library.custom_op("kdfast::slot_match_loss_backward", mutates_args=())
+def _slot_match_loss_backward(
+    grad: Tensor, student: Tensor, teacher: Tensor, assignment: Tensor | None, reduction: str, eps: float, backend: str
+) -> Tensor:
+    if backend == "reference":
+        args = (assignment, reduction, eps)
+        return reference_vjp(_reference_slot_match_loss, (student, teacher), (grad,), *args, needs=(True, False))[0]
+    # Mean and sum reach every slot with the same gradient: expand (no copy) and scale inside the kernel.
+    grad_losses = grad.expand(student.shape[:2])
+    grad_scale = 1.0 / (student.shape[0] * student.shape[1]) if reduction == "mean" else 1.0
+    if backend == "triton":
+        return _kernels().slot_match_loss_backward(grad_losses, student, teacher, assignment, eps, grad_scale)
+    return torch.ops.kdfast._slot_match_loss_backward(grad_losses, student, teacher, assignment, eps, grad_scale)
+
+
+@_slot_match_loss_backward.register_fake
+def _(grad, student, teacher, assignment, reduction, eps, backend):
+    return student.new_empty(student.shape)
+
+
+def _match_setup(ctx, inputs, output):
+    student, teacher, assignment, ctx.reduction, ctx.eps, ctx.backend = inputs
+    ctx.save_for_backward(student, teacher, assignment)
+
+
+def _match_backward(ctx, grad):
+    student, teacher, assignment = ctx.saved_tensors
+    grad_student = _slot_match_loss_backward(grad, student, teacher, assignment, ctx.reduction, ctx.eps, ctx.backend)
+    return grad_student, None, None, None, None, None
+
+
+_slot_match_loss.register_autograd(_match_backward, setup_context=_match_setup)
+
+
+def slot_match_loss(
+    student: Tensor,
+    teacher: Tensor,
+    matching: str = "index",
+    reduction: str = "mean",
+    eps: float = 1e-8,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """SlotMatch's distillation loss: mean over matched slot pairs of ``1 - cos(student_i, teacher_pi(i))``.
+
+    Args:
+        student: (B, K, D) float16, bfloat16, float32 or float64.
+        teacher: (B, M, D) on the same device. It gets no gradient. ``index`` needs M == K; ``hungarian`` K <= M.
+        matching: ``index`` pairs slot i with teacher slot i; ``hungarian`` pairs the slots so that the total
+            cosine per batch element is maximal (kdfast.ops.slot_assignment; no gradient through the pairing).
+        reduction: ``mean`` (over B*K pairs) or ``sum``: a scalar; ``none``: per-slot losses (B, K).
+        eps: norm clamp, finite and positive: zero vectors have cosine 0.
+        backend: ``auto``, ``triton``, ``cpp``, ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
+
+    Returns:
+        The loss in the inputs' dtype (mixed dtypes are promoted, at least float32).
+    """
+    _check_slots("student", student, "teacher", teacher)
+    _validate.choice("matching", matching, MATCHINGS)
+    _validate.choice("reduction", reduction, REDUCTIONS)
+    eps = _validate.finite("eps", eps, positive=True)
+    K, M = student.shape[1], teacher.shape[1]
+    if matching == "index" and K != M:
+        raise ValueError(f"matching='index' needs as many teacher as student slots: student has {K}, teacher {M}")
+    if matching == "hungarian" and K > M:
+        raise ValueError(f"matching='hungarian' needs K <= M: student has {K} slots, teacher {M}")
+    dtype = _validate.compute_dtype(student, teacher)
+    student, teacher = student.to(dtype), teacher.detach().to(dtype)
+    device_type = student.device.type
+    chosen = _backend.resolve("slot_match_loss", "_slot_match_loss_forward", backend, device_type, _IMPLEMENTED)
+    chosen = _within_triton_limit("slot_match_loss", chosen, backend, device_type, K, M)
+    assignment = None
+    if matching == "hungarian":
+        # The pairing is decided on float32 (or float64) cosines: bf16's 8-bit mantissa would turn near-ties
+        # into different pairings than the float64 reference finds.
+        wide = torch.promote_types(dtype, torch.float32)
+        with torch.no_grad():
+            similarity = _slot_cosine_similarity(student.detach().to(wide), teacher.to(wide), eps, chosen)
+            assignment = _slot_assignment(similarity)
+    return _slot_match_loss(student, teacher, assignment, reduction, eps, chosen)
+
+
+def _check_slots(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    _validate.tensor(name_a, a, "(B, K, D)")
+    _validate.tensor(name_b, b, "(B, M, D)")
+    _validate.same_device(**{name_a: a, name_b: b})
+    _validate.nonempty(name_a, a, "(B, K, D)")
+    _validate.nonempty(name_b, b, "(B, M, D)")
+    _validate.same_size("batch size B", **{name_a: a.shape[0], name_b: b.shape[0]})
+    _validate.same_size("slot dimension D", **{name_a: a.shape[2], name_b: b.shape[2]})

@@ -1,0 +1,69 @@
+"""Shared test helpers: the (device, backend) cases, fresh random inputs, comparison with the float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kdfast import _backend
+
+# Relative error ||out - ref|| / ||ref|| against the float64 reference (design.md section 4).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _cases() -> list:
+    """(device, backend) pairs this machine can run; the others are listed as skips with the reason."""
+    has_cuda = torch.cuda.is_available()
+    cases = []
+    for device, backend in [
+        ("cpu", "reference"), ("cpu", "cpp"), ("cpu", "triton"),
+        ("cuda", "reference"), ("cuda", "triton"), ("cuda", "cuda"),
+    ]:
+        marks = []
+        if device == "cuda" and not has_cuda:
+            marks.append(pytest.mark.skip(reason="needs a CUDA device"))
+        elif device == "cpu" and backend == "triton" and not _backend.triton_interpreting():
+            marks.append(pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1"))
+        elif device == "cpu" and backend == "cpp" and _backend.extension_error() and not os.environ.get("CI"):
+            # Outside CI a missing compiler is a skip; in CI the extension must be there, so the test fails.
+            marks.append(pytest.mark.skip(reason=_backend.extension_error()))
+        cases.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return cases
+
+
+CASES = _cases()
+
+
+def implemented_cases(implemented: tuple[str, ...]) -> list:
+    """The (device, backend) cases of an op that has the ``implemented`` backends."""
+    return [case for case in CASES if case.values[1] in implemented]
+
+
+def rand(*shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Fresh random normal values with no exact zeros, so masks and signs are exercised."""
+    x = torch.randn(shape, dtype=torch.float64)
+    x = torch.where(x.abs() < 1e-3, torch.full_like(x, 1e-3), x)
+    return x.to(dtype=dtype, device=device)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (absolute when ref is zero); inf when NaN or inf patterns differ."""
+    out64, ref64 = out.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
+    if out64.shape != ref64.shape:
+        raise AssertionError(f"shape {tuple(out64.shape)} != reference shape {tuple(ref64.shape)}")
+    if not torch.equal(out64.isnan(), ref64.isnan()) or not torch.isfinite(out64[~ref64.isnan()]).all():
+        return float("inf")
+    out64, ref64 = out64.nan_to_num(0.0), ref64.nan_to_num(0.0)
+    denominator = ref64.norm().item()
+    difference = (out64 - ref64).norm().item()
+    # An exactly-zero quantity (the gradient of a cosine when D == 1) has only float64 rounding left in ref:
+    # there the error is absolute.
+    return difference / denominator if denominator > 1e-9 else difference
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output") -> None:
+    """Compare with the float64 reference at the tolerance of ``dtype``; NaN never passes unless ref has it."""
+    error = relative_error(out, ref)
+    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3g} > {TOLERANCE[dtype]:g} ({dtype})"
