@@ -1,0 +1,443 @@
+"""Triton kernels for batched slot cosine matching (design 3.2): pairwise slot cosine similarity and the
+per-slot matching loss 1 - cos(student_i, teacher_pi(i)), forward and backward.
+
+Cosines are eps-safe: each norm is clamped as n = where(n < eps, eps, n), which keeps a NaN norm NaN as torch's
+clamp_min does (tl.maximum may return the other operand for NaN on GPU). Where a norm is clamped the
+normalisation x / eps is linear, so its backward has no projection term; that is what torch autograd gives
+for x / x.norm(dim=-1, keepdim=True).clamp_min(eps).
+
+eps and grad_scale are annotated tl.float64 so that float64 inputs see them unrounded (an unannotated Python
+float is passed as float32); the kernels convert them with tl.full([], x, acc_dtype), which also takes the plain
+Python float the interpreter passes.
+"""
+
+# No `from __future__ import annotations` here: it would turn the kernels' tl.float64 annotations into strings
+# that Triton does not recognise, and eps would silently be passed as float32.
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import accumulator_dtype, block_size, device_guard, empty_output, is_fp64
+
+MAX_SLOTS = 128  # largest K or M one program handles; the caller falls back above it
+
+# Elements of one (rows x BLOCK_D) tile in the row-wise loss kernels: small tiles give more programs for
+# the few hundred rows of a slot batch.
+_ROW_TILE = 2048
+
+
+@triton.jit
+def _clamp_norm(sq_norm, eps):
+    # where, not tl.maximum: a NaN norm must stay NaN
+    norm = tl.sqrt(sq_norm)
+    return norm, tl.where(norm < eps, eps, norm)
+
+
+@triton.jit
+def _slot_gram_and_sq_norms(
+    a_ptr, b_ptr, K, M, D,
+    stride_ak, stride_ad, stride_bm, stride_bd,
+    IS_FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # a_ptr, b_ptr point at one batch element. Returns <a_i, b_m> (BLOCK_K, BLOCK_M) and the squared norms;
+    # padded rows and columns are loaded as 0, so they contribute nothing.
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_k = offs_k < K
+    mask_m = offs_m < M
+    if IS_FP64:
+        dots = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float64)
+        sq_a = tl.zeros([BLOCK_K], dtype=tl.float64)
+        sq_b = tl.zeros([BLOCK_M], dtype=tl.float64)
+    else:
+        dots = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
+        sq_a = tl.zeros([BLOCK_K], dtype=tl.float32)
+        sq_b = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        a = tl.load(
+            a_ptr + offs_k[:, None] * stride_ak + offs_d[None, :] * stride_ad,
+            mask=mask_k[:, None] & mask_d[None, :], other=0.0,
+        ).to(dots.dtype)
+        # b is loaded transposed, (BLOCK_D, BLOCK_M), ready to be the right operand
+        b_t = tl.load(
+            b_ptr + offs_d[:, None] * stride_bd + offs_m[None, :] * stride_bm,
+            mask=mask_d[:, None] & mask_m[None, :], other=0.0,
+        ).to(dots.dtype)
+        # ieee: tf32 would cost ~1e-3 relative error; fp16/bf16 inputs were widened to fp32 above
+        dots = tl.dot(a, b_t, dots, input_precision="ieee")
+        sq_a += tl.sum(a * a, axis=1)
+        sq_b += tl.sum(b_t * b_t, axis=0)
+    return dots, sq_a, sq_b
+
+
+@triton.jit
+def _slot_cosine_similarity_fwd_kernel(
+    a_ptr, b_ptr, out_ptr,
+    K, M, D,
+    stride_ab, stride_ak, stride_ad,
+    stride_bb, stride_bm, stride_bd,
+    stride_ob, stride_ok, stride_om,
+    eps: tl.float64,
+    IS_FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    a_ptr += pid_b * stride_ab
+    b_ptr += pid_b * stride_bb
+    out_ptr += pid_b * stride_ob
+
+    dots, sq_a, sq_b = _slot_gram_and_sq_norms(
+        a_ptr, b_ptr, K, M, D, stride_ak, stride_ad, stride_bm, stride_bd,
+        IS_FP64, BLOCK_K, BLOCK_M, BLOCK_D,
+    )
+    eps = tl.full([], eps, dots.dtype)
+    _, clamped_a = _clamp_norm(sq_a, eps)
+    _, clamped_b = _clamp_norm(sq_b, eps)
+    cos = dots / (clamped_a[:, None] * clamped_b[None, :])
+
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    tl.store(
+        out_ptr + offs_k[:, None] * stride_ok + offs_m[None, :] * stride_om,
+        cos.to(out_ptr.dtype.element_ty),
+        mask=(offs_k < K)[:, None] & (offs_m < M)[None, :],
+    )
+
+
+@triton.jit
+def _slot_cosine_similarity_bwd_kernel(
+    grad_ptr, a_ptr, b_ptr, grad_a_ptr, grad_b_ptr,
+    K, M, D,
+    stride_gb, stride_gk, stride_gm,
+    stride_ab, stride_ak, stride_ad,
+    stride_bb, stride_bm, stride_bd,
+    stride_gab, stride_gak, stride_gad,
+    stride_gbb, stride_gbm, stride_gbd,
+    eps: tl.float64,
+    IS_FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    grad_ptr += pid_b * stride_gb
+    a_ptr += pid_b * stride_ab
+    b_ptr += pid_b * stride_bb
+    grad_a_ptr += pid_b * stride_gab
+    grad_b_ptr += pid_b * stride_gbb
+
+    # pass 1: recompute the cosines (never saved by the forward)
+    dots, sq_a, sq_b = _slot_gram_and_sq_norms(
+        a_ptr, b_ptr, K, M, D, stride_ak, stride_ad, stride_bm, stride_bd,
+        IS_FP64, BLOCK_K, BLOCK_M, BLOCK_D,
+    )
+    eps = tl.full([], eps, dots.dtype)
+    norm_a, clamped_a = _clamp_norm(sq_a, eps)
+    norm_b, clamped_b = _clamp_norm(sq_b, eps)
+    clamped_ab = clamped_a[:, None] * clamped_b[None, :]
+    cos = dots / clamped_ab
+
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_k = offs_k < K
+    mask_m = offs_m < M
+    grad = tl.load(
+        grad_ptr + offs_k[:, None] * stride_gk + offs_m[None, :] * stride_gm,
+        mask=mask_k[:, None] & mask_m[None, :], other=0.0,
+    ).to(dots.dtype)
+    grad_cos = grad * cos
+    # grad_a_i = sum_m grad_scaled[i,m] b_m - coef_a_i a_i (and symmetrically for b); where, not a product
+    # with the indicator, so that a clamped norm drops the term even when r is NaN, as in torch
+    grad_scaled = grad / clamped_ab
+    coef_a = tl.where(norm_a >= eps, tl.sum(grad_cos, axis=1) / clamped_a / clamped_a, 0.0)
+    coef_b = tl.where(norm_b >= eps, tl.sum(grad_cos, axis=0) / clamped_b / clamped_b, 0.0)
+    grad_scaled_t = tl.trans(grad_scaled)
+
+    # pass 2: both gradients, one D chunk at a time
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask_kd = mask_k[:, None] & mask_d[None, :]
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        a = tl.load(
+            a_ptr + offs_k[:, None] * stride_ak + offs_d[None, :] * stride_ad, mask=mask_kd, other=0.0,
+        ).to(dots.dtype)
+        b = tl.load(
+            b_ptr + offs_m[:, None] * stride_bm + offs_d[None, :] * stride_bd, mask=mask_md, other=0.0,
+        ).to(dots.dtype)
+        grad_a = tl.dot(grad_scaled, b, input_precision="ieee") - coef_a[:, None] * a
+        grad_b = tl.dot(grad_scaled_t, a, input_precision="ieee") - coef_b[:, None] * b
+        tl.store(
+            grad_a_ptr + offs_k[:, None] * stride_gak + offs_d[None, :] * stride_gad,
+            grad_a.to(grad_a_ptr.dtype.element_ty), mask=mask_kd,
+        )
+        tl.store(
+            grad_b_ptr + offs_m[:, None] * stride_gbm + offs_d[None, :] * stride_gbd,
+            grad_b.to(grad_b_ptr.dtype.element_ty), mask=mask_md,
+        )
+
+
+@triton.jit
+def _slot_match_rows(
+    student_ptr, teacher_ptr, assignment_ptr,
+    pid, R, K, D,
+    stride_sb, stride_sk, stride_sd,
+    stride_tb, stride_tm, stride_td,
+    stride_pb, stride_pk,
+    HAS_ASSIGNMENT: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Row pointers of the BLOCK_R flattened (B*K) rows of program pid, and their dot products and squared
+    # norms over all of D.
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    mask_r = rows < R
+    batch = rows // K
+    slot = rows % K
+    if HAS_ASSIGNMENT:
+        matched = tl.load(assignment_ptr + batch * stride_pb + slot * stride_pk, mask=mask_r, other=0)
+    else:
+        matched = slot
+    s_rows = student_ptr + batch * stride_sb + slot * stride_sk
+    t_rows = teacher_ptr + batch * stride_tb + matched * stride_tm
+
+    # element-wise partial sums, reduced once after the loop
+    if IS_FP64:
+        dot = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float64)
+        sq_s = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float64)
+        sq_t = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float64)
+    else:
+        dot = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        sq_s = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        sq_t = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_r[:, None] & (offs_d < D)[None, :]
+        s = tl.load(s_rows[:, None] + offs_d[None, :] * stride_sd, mask=mask, other=0.0).to(dot.dtype)
+        t = tl.load(t_rows[:, None] + offs_d[None, :] * stride_td, mask=mask, other=0.0).to(dot.dtype)
+        dot += s * t
+        sq_s += s * s
+        sq_t += t * t
+    return rows, mask_r, s_rows, t_rows, tl.sum(dot, axis=1), tl.sum(sq_s, axis=1), tl.sum(sq_t, axis=1)
+
+
+@triton.jit
+def _slot_match_loss_fwd_kernel(
+    student_ptr, teacher_ptr, assignment_ptr, loss_ptr,
+    R, K, D,
+    stride_sb, stride_sk, stride_sd,
+    stride_tb, stride_tm, stride_td,
+    stride_pb, stride_pk,
+    stride_lb, stride_lk,
+    eps: tl.float64,
+    HAS_ASSIGNMENT: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows, mask_r, _, _, dot, sq_s, sq_t = _slot_match_rows(
+        student_ptr, teacher_ptr, assignment_ptr, pid, R, K, D,
+        stride_sb, stride_sk, stride_sd, stride_tb, stride_tm, stride_td, stride_pb, stride_pk,
+        HAS_ASSIGNMENT, IS_FP64, BLOCK_R, BLOCK_D,
+    )
+    eps = tl.full([], eps, dot.dtype)
+    _, clamped_s = _clamp_norm(sq_s, eps)
+    _, clamped_t = _clamp_norm(sq_t, eps)
+    loss = 1.0 - dot / (clamped_s * clamped_t)
+    tl.store(
+        loss_ptr + (rows // K) * stride_lb + (rows % K) * stride_lk,
+        loss.to(loss_ptr.dtype.element_ty), mask=mask_r,
+    )
+
+
+@triton.jit
+def _slot_match_loss_bwd_kernel(
+    grad_loss_ptr, student_ptr, teacher_ptr, assignment_ptr, grad_student_ptr,
+    R, K, D,
+    stride_glb, stride_glk,
+    stride_sb, stride_sk, stride_sd,
+    stride_tb, stride_tm, stride_td,
+    stride_pb, stride_pk,
+    stride_gsb, stride_gsk, stride_gsd,
+    eps: tl.float64, grad_scale: tl.float64,
+    HAS_ASSIGNMENT: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    # pass 1: the cosines again (the forward keeps nothing but the inputs)
+    rows, mask_r, s_rows, t_rows, dot, sq_s, sq_t = _slot_match_rows(
+        student_ptr, teacher_ptr, assignment_ptr, pid, R, K, D,
+        stride_sb, stride_sk, stride_sd, stride_tb, stride_tm, stride_td, stride_pb, stride_pk,
+        HAS_ASSIGNMENT, IS_FP64, BLOCK_R, BLOCK_D,
+    )
+    eps = tl.full([], eps, dot.dtype)
+    norm_s, clamped_s = _clamp_norm(sq_s, eps)
+    _, clamped_t = _clamp_norm(sq_t, eps)
+    cos = dot / (clamped_s * clamped_t)
+    batch = rows // K
+    slot = rows % K
+    # grad_losses may be an expanded scalar (stride 0): read through its strides
+    g = tl.load(grad_loss_ptr + batch * stride_glb + slot * stride_glk, mask=mask_r, other=0.0)
+    g = g.to(dot.dtype) * tl.full([], grad_scale, dot.dtype)
+    # grad_s = coef_t t + coef_s s; where, not a product with the indicator, so that a clamped student
+    # norm drops the projection term even when cos is NaN, as in torch
+    coef_t = -g / (clamped_s * clamped_t)
+    coef_s = tl.where(norm_s >= eps, g * cos / clamped_s / clamped_s, 0.0)
+
+    # pass 2
+    gs_rows = grad_student_ptr + batch * stride_gsb + slot * stride_gsk
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_r[:, None] & (offs_d < D)[None, :]
+        s = tl.load(s_rows[:, None] + offs_d[None, :] * stride_sd, mask=mask, other=0.0).to(dot.dtype)
+        t = tl.load(t_rows[:, None] + offs_d[None, :] * stride_td, mask=mask, other=0.0).to(dot.dtype)
+        grad_s = coef_t[:, None] * t + coef_s[:, None] * s
+        tl.store(
+            gs_rows[:, None] + offs_d[None, :] * stride_gsd,
+            grad_s.to(grad_student_ptr.dtype.element_ty), mask=mask,
+        )
+
+
+def _check_slots(K, M):
+    if K > MAX_SLOTS or M > MAX_SLOTS:
+        raise ValueError(
+            f"kdfast.kernels.slot_match handles at most MAX_SLOTS={MAX_SLOTS} slots per side, got K={K}, M={M}; "
+            "fall back to another backend above it"
+        )
+
+
+def _pair_blocks(K, M, D, dtype):
+    block_k = block_size(K)
+    block_m = block_size(M)
+    # The a and b chunks are staged in shared memory as dot operands: keep them within 32 KiB. With the K x M
+    # operand of the backward that is at most 96 KiB in fp32 (160 KiB in fp64 at 128 slots: A100 and later).
+    elements = (32 * 1024 // (8 if dtype == torch.float64 else 4)) // (block_k + block_m)
+    block_d = block_size(D, maximum=min(128, 1 << (elements.bit_length() - 1)))
+    num_warps = 8 if block_k * block_m >= 64 * 128 else 4
+    # launched with num_stages=1: a program loops over a few D chunks only, and software pipelining would
+    # multiply the staged chunks
+    return block_k, block_m, block_d, num_warps
+
+
+def _row_blocks(R, D):
+    block_d = block_size(D, maximum=256)
+    block_r = min(block_size(R, minimum=1), max(1, _ROW_TILE // block_d))
+    return block_r, block_d
+
+
+def slot_cosine_similarity_forward(a, b, eps: float) -> torch.Tensor:
+    """Cosine of every slot pair.
+
+    a: (B, K, D), b: (B, M, D), same floating dtype (float16, bfloat16, float32, float64), same device; any
+    strides (stride 0 included); K, M <= MAX_SLOTS. Returns (B, K, M) in a.dtype:
+    out[b, i, m] = <a_i, b_m> / (max(||a_i||, eps) * max(||b_m||, eps)), accumulated in float32 (float64
+    for float64 inputs). One program per batch element.
+    """
+    B, K, D = a.shape
+    M = b.shape[1]
+    _check_slots(K, M)
+    out = empty_output((B, K, M), a.dtype, a.device)
+    if out.numel() == 0:
+        return out
+    block_k, block_m, block_d, num_warps = _pair_blocks(K, M, D, a.dtype)
+    with device_guard(a):
+        _slot_cosine_similarity_fwd_kernel[(B,)](
+            a, b, out,
+            K, M, D,
+            a.stride(0), a.stride(1), a.stride(2),
+            b.stride(0), b.stride(1), b.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            float(eps),
+            IS_FP64=is_fp64(a.dtype), BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=num_warps, num_stages=1,
+        )
+    return out
+
+
+def slot_cosine_similarity_backward(grad, a, b, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of slot_cosine_similarity_forward.
+
+    grad: (B, K, M) of any floating dtype and strides (an expanded grad included); a: (B, K, D),
+    b: (B, M, D) as in the forward. Returns (grad_a (B, K, D) in a.dtype, grad_b (B, M, D) in b.dtype).
+    The cosines are recomputed, not saved. One launch, one program per batch element.
+    """
+    B, K, D = a.shape
+    M = b.shape[1]
+    _check_slots(K, M)
+    grad_a = empty_output((B, K, D), a.dtype, a.device)
+    grad_b = empty_output((B, M, D), b.dtype, b.device)
+    if grad_a.numel() == 0 and grad_b.numel() == 0:
+        return grad_a, grad_b
+    block_k, block_m, block_d, num_warps = _pair_blocks(K, M, D, a.dtype)
+    with device_guard(a):
+        _slot_cosine_similarity_bwd_kernel[(B,)](
+            grad, a, b, grad_a, grad_b,
+            K, M, D,
+            grad.stride(0), grad.stride(1), grad.stride(2),
+            a.stride(0), a.stride(1), a.stride(2),
+            b.stride(0), b.stride(1), b.stride(2),
+            grad_a.stride(0), grad_a.stride(1), grad_a.stride(2),
+            grad_b.stride(0), grad_b.stride(1), grad_b.stride(2),
+            float(eps),
+            IS_FP64=is_fp64(a.dtype), BLOCK_K=block_k, BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=num_warps, num_stages=1,
+        )
+    return grad_a, grad_b
+
+
+def slot_match_loss_forward(student, teacher, assignment, eps: float) -> torch.Tensor:
+    """Per-slot matching loss 1 - cos(student_i, teacher_j).
+
+    student: (B, K, D), teacher: (B, M, D), same floating dtype and device, any strides. assignment: None
+    (slot i pairs with teacher slot i; then M == K) or an int64 (B, K) tensor of teacher rows in [0, M), any
+    strides. Returns the (B, K) losses in the accumulator dtype (float32; float64 for float64 inputs),
+    cosines eps-clamped as in slot_cosine_similarity_forward.
+    """
+    B, K, D = student.shape
+    R = B * K
+    losses = empty_output((B, K), accumulator_dtype(student.dtype), student.device)
+    if R == 0:
+        return losses
+    has_assignment = assignment is not None
+    if not has_assignment:
+        assignment = losses  # never read: HAS_ASSIGNMENT=False compiles the load away
+    block_r, block_d = _row_blocks(R, D)
+    with device_guard(student):
+        _slot_match_loss_fwd_kernel[(triton.cdiv(R, block_r),)](
+            student, teacher, assignment, losses,
+            R, K, D,
+            student.stride(0), student.stride(1), student.stride(2),
+            teacher.stride(0), teacher.stride(1), teacher.stride(2),
+            assignment.stride(0), assignment.stride(1),
+            losses.stride(0), losses.stride(1),
+            float(eps),
+            HAS_ASSIGNMENT=has_assignment, IS_FP64=is_fp64(student.dtype), BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+    return losses
+
+
+def slot_match_loss_backward(
+    grad_losses, student, teacher, assignment, eps: float, grad_scale: float
+) -> torch.Tensor:
+    """Gradient of grad_scale * sum(grad_losses * slot_match_loss_forward(...)) with respect to the student.
+
+    grad_losses: (B, K), any floating dtype and strides (an expanded scalar grad included); student, teacher,
+    assignment as in slot_match_loss_forward; grad_scale: a Python float folded into the gradient (e.g.
+    1 / (B * K) for a mean). Returns grad_student (B, K, D) in student.dtype; the teacher gets no gradient.
+    One launch.
+    """
+    B, K, D = student.shape
+    R = B * K
+    grad_student = empty_output((B, K, D), student.dtype, student.device)
+    if grad_student.numel() == 0:
+        return grad_student
+    has_assignment = assignment is not None
+    if not has_assignment:
+        assignment = grad_losses  # never read: HAS_ASSIGNMENT=False compiles the load away
+    block_r, block_d = _row_blocks(R, D)
+    with device_guard(student):
+        _slot_match_loss_bwd_kernel[(triton.cdiv(R, block_r),)](
+            grad_losses, student, teacher, assignment, grad_student,
+            R, K, D,
+            grad_losses.stride(0), grad_losses.stride(1),
+            student.stride(0), student.stride(1), student.stride(2),
+            teacher.stride(0), teacher.stride(1), teacher.stride(2),
+            assignment.stride(0), assignment.stride(1),
+            grad_student.stride(0), grad_student.stride(1), grad_student.stride(2),
+            float(eps), float(grad_scale),
+            HAS_ASSIGNMENT=has_assignment, IS_FP64=is_fp64(student.dtype), BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+    return grad_student
