@@ -1,0 +1,96 @@
+"""Backend selection: explicit requests are strict, KDFAST_BACKEND falls back loudly once, auto is fastest."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from harness import rand
+
+import kdfast
+import kdfast.ops as ops
+from kdfast import _backend, reference
+from kdfast.ops import slot_match
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv("KDFAST_BACKEND", raising=False)
+
+
+def resolve_match_loss(requested, device_type="cpu"):
+    return _backend.resolve("slot_match_loss", "_slot_match_loss_forward", requested, device_type, slot_match._IMPLEMENTED)
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="outside CI a machine without a compiler may lack kdfast._C")
+def test_ci_has_the_compiled_extension():
+    assert _backend.extension_error() is None
+    assert resolve_match_loss("auto") == "cpp"
+
+
+def test_kernel_outputs_are_poisoned_in_tests():
+    from kdfast.kernels import _launch
+
+    assert _launch.POISON, "tests must run with KDFAST_POISON=1 so an unwritten output cannot pass"
+
+
+def test_explicit_backend_is_strict():
+    x = rand(2, 3, 4)
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run here: the op has no cuda implementation"):
+        ops.slot_match_loss(x, x, backend="cuda")
+    with pytest.raises(ValueError, match=r"backend='cpp' cannot run here: the cpp backend runs on cpu tensors"):
+        resolve_match_loss("cpp", "cuda")
+    with pytest.raises(ValueError, match=r"has no cpp implementation"):
+        ops.slot_attention_core(x, x, x, backend="cpp")
+
+
+def test_unknown_backend_names_its_source(monkeypatch):
+    x = rand(2, 3, 4)
+    with pytest.raises(ValueError, match=r"backend must be one of auto, triton, cuda, cpp, reference; got 'gpu'"):
+        ops.slot_match_loss(x, x, backend="gpu")
+    monkeypatch.setenv("KDFAST_BACKEND", "gpu")
+    with pytest.raises(ValueError, match=r"KDFAST_BACKEND must be one of"):
+        ops.slot_match_loss(x, x)
+
+
+def test_environment_preference_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv("KDFAST_BACKEND", "cuda")
+    q, k, v = rand(2, 3, 8), rand(2, 5, 8), rand(2, 5, 8)
+    with pytest.warns(RuntimeWarning, match=r"slot_attention_core: KDFAST_BACKEND=cuda cannot run here"):
+        updates, _ = ops.slot_attention_core(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.slot_attention_core(q, k, v)  # the second call is silent
+    torch.testing.assert_close(updates, reference.slot_attention_core(q, k, v)[0])
+
+
+def test_environment_preference_is_used_where_it_can_run(monkeypatch):
+    monkeypatch.setenv("KDFAST_BACKEND", "reference")
+    assert resolve_match_loss(None) == "reference"
+    if _backend.extension_error() is None:
+        monkeypatch.setenv("KDFAST_BACKEND", "cpp")
+        assert resolve_match_loss(None) == "cpp"
+
+
+def test_auto_prefers_compiled_kernels_and_warns_once_when_they_are_missing(monkeypatch):
+    if _backend.extension_error() is None:
+        assert resolve_match_loss("auto") == "cpp"
+    monkeypatch.setattr(_backend, "extension_error", lambda: "no compiler in this test")
+    with pytest.warns(RuntimeWarning, match=r"slot_match_loss: cpp backend unavailable \(no compiler in this test\); using reference"):
+        assert resolve_match_loss("auto") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_match_loss("auto") == "reference"
+
+
+def test_auto_never_picks_the_triton_interpreter():
+    assert resolve_match_loss("auto", "cpu") != "triton"
+
+
+def test_info_reports_every_backend():
+    info = kdfast.info()
+    assert set(info) >= {"kdfast", "torch", "devices", "reference", "cpp", "cuda", "triton"}
+    assert info["reference"] == "available"
