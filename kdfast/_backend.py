@@ -27,6 +27,8 @@ BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 _warned: set[tuple[str, str]] = set()
+# Resolution is a pure function of its arguments and KDFAST_BACKEND, and on the hot path of every call.
+_resolved: dict[tuple, str] = {}
 
 
 @functools.cache
@@ -121,6 +123,14 @@ def resolve(op: str, kernel: str, requested: str | None, device_type: str, imple
     from_env = requested is None
     if from_env:
         requested = os.environ.get("KDFAST_BACKEND", "auto") or "auto"
+    key = (op, requested, from_env, device_type)
+    chosen = _resolved.get(key)
+    if chosen is None:
+        chosen = _resolved[key] = _resolve(op, kernel, requested, from_env, device_type, implemented)
+    return chosen
+
+
+def _resolve(op: str, kernel: str, requested: str, from_env: bool, device_type: str, implemented: tuple[str, ...]) -> str:
     if requested not in BACKENDS:
         source = "KDFAST_BACKEND" if from_env else "backend"
         raise ValueError(f"kdfast.{op}: {source} must be one of {', '.join(BACKENDS)}; got {requested!r}")

@@ -18,6 +18,7 @@ from kdfast.ops import slot_match
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.setattr(_backend, "_resolved", {})
     monkeypatch.delenv("KDFAST_BACKEND", raising=False)
 
 
@@ -79,6 +80,7 @@ def test_auto_prefers_compiled_kernels_and_warns_once_when_they_are_missing(monk
     if _backend.extension_error() is None:
         assert resolve_match_loss("auto") == "cpp"
     monkeypatch.setattr(_backend, "extension_error", lambda: "no compiler in this test")
+    monkeypatch.setattr(_backend, "_resolved", {})
     with pytest.warns(RuntimeWarning, match=r"slot_match_loss: cpp backend unavailable \(no compiler in this test\); using reference"):
         assert resolve_match_loss("auto") == "reference"
     with warnings.catch_warnings():

@@ -1,4 +1,6 @@
-"""Backward of the reference backend: the vector-Jacobian product of kdfast.reference, run inside a custom op.
+"""Autograd plumbing shared by the ops: the reference backend's backward, and the eager fast path.
+
+The reference backend's backward is the vector-Jacobian product of kdfast.reference, run inside a custom op.
 
 Ops without a hand-written backward for a backend compute it by autograd through the reference. A custom op's
 implementation runs with the autograd dispatch keys excluded, so autograd records nothing there; ``_recording``
@@ -69,3 +71,17 @@ def reference_vjp(
             # Contiguous, as the fake implementations promise, whatever layout autograd produced.
             result.append(torch.zeros_like(x) if grad is None else grad.contiguous())
     return result
+
+
+def eager_or_traced(eager, op, *args):
+    """Call ``op`` (a custom op) when torch.compile traces, else ``eager``: an autograd.Function (called through
+    ``apply``) or a plain function computing the same thing.
+
+    A custom op's Python autograd costs tens of microseconds per call in eager mode (two boxed dispatcher
+    calls into Python); the slot ops' kernels take about as long, so eager calls skip that layer.
+    """
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if isinstance(eager, type) and issubclass(eager, torch.autograd.Function):
+        return eager.apply(*args)
+    return eager(*args)

@@ -70,3 +70,8 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for dtype in dtypes:
         widest = torch.promote_types(widest, dtype)
     return widest
+
+
+def cast(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` in ``dtype``; those already in it (the usual case) are passed through without a call."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)

@@ -7,7 +7,9 @@ Public functions validate their inputs, pick a backend and call one custom op in
     kdfast::slot_assignment(similarity)                                   -> (B, K) int64
 
 Each differentiable op has a fake implementation and an autograd formula whose backward is itself a custom op
-(``..._backward``), so torch.compile(fullgraph=True) traces through them.
+(``..._backward``), so torch.compile(fullgraph=True) traces through them. Eager calls take an
+autograd.Function with the same forward and backward instead (``eager_or_traced``): at slot sizes the
+dispatcher's Python round trips would cost more than the kernels.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from kdfast import _backend, reference
 from kdfast.ops import _validate
-from kdfast.ops._autograd import reference_vjp
+from kdfast.ops._autograd import eager_or_traced, reference_vjp
 
 _IMPLEMENTED = ("triton", "cpp", "reference")
 MATCHINGS = ("index", "hungarian")
@@ -50,13 +52,26 @@ def _within_triton_limit(op: str, backend: str, requested: str | None, device_ty
 # kdfast::slot_cosine_similarity
 
 
-@torch.library.custom_op("kdfast::slot_cosine_similarity", mutates_args=())
-def _slot_cosine_similarity(a: Tensor, b: Tensor, eps: float, backend: str) -> Tensor:
+def _cosine_forward(a: Tensor, b: Tensor, eps: float, backend: str) -> Tensor:
     if backend == "triton":
         return _kernels().slot_cosine_similarity_forward(a, b, eps)
     if backend in ("cpp", "cuda"):
         return torch.ops.kdfast._slot_cosine_similarity_forward(a, b, eps)
     return reference.slot_cosine_similarity(a, b, eps)
+
+
+def _cosine_backward(grad: Tensor, a: Tensor, b: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _kernels().slot_cosine_similarity_backward(grad, a, b, eps)
+    if backend in ("cpp", "cuda"):
+        return torch.ops.kdfast._slot_cosine_similarity_backward(grad, a, b, eps)
+    grad_a, grad_b = reference_vjp(reference.slot_cosine_similarity, (a, b), (grad,), eps)
+    return grad_a, grad_b
+
+
+@torch.library.custom_op("kdfast::slot_cosine_similarity", mutates_args=())
+def _slot_cosine_similarity(a: Tensor, b: Tensor, eps: float, backend: str) -> Tensor:
+    return _cosine_forward(a, b, eps, backend)
 
 
 @_slot_cosine_similarity.register_fake
@@ -66,12 +81,7 @@ def _(a, b, eps, backend):
 
 @torch.library.custom_op("kdfast::slot_cosine_similarity_backward", mutates_args=())
 def _slot_cosine_similarity_backward(grad: Tensor, a: Tensor, b: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return _kernels().slot_cosine_similarity_backward(grad, a, b, eps)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.kdfast._slot_cosine_similarity_backward(grad, a, b, eps)
-    grad_a, grad_b = reference_vjp(reference.slot_cosine_similarity, (a, b), (grad,), eps)
-    return grad_a, grad_b
+    return _cosine_backward(grad, a, b, eps, backend)
 
 
 @_slot_cosine_similarity_backward.register_fake
@@ -84,13 +94,25 @@ def _cosine_setup(ctx, inputs, output):
     ctx.save_for_backward(a, b)
 
 
-def _cosine_backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    grad_a, grad_b = _slot_cosine_similarity_backward(grad, a, b, ctx.eps, ctx.backend)
+def _cosine_op_backward(ctx, grad):
+    grad_a, grad_b = _slot_cosine_similarity_backward(grad, *ctx.saved_tensors, ctx.eps, ctx.backend)
     return grad_a, grad_b, None, None
 
 
-_slot_cosine_similarity.register_autograd(_cosine_backward, setup_context=_cosine_setup)
+_slot_cosine_similarity.register_autograd(_cosine_op_backward, setup_context=_cosine_setup)
+
+
+class _SlotCosineSimilarity(torch.autograd.Function):
+    """The eager path: the same forward and backward as the custom op, without the dispatcher round trips."""
+
+    @staticmethod
+    def forward(ctx, a, b, eps, backend):
+        _cosine_setup(ctx, (a, b, eps, backend), None)
+        return _cosine_forward(a, b, eps, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return *_cosine_backward(grad, *ctx.saved_tensors, ctx.eps, ctx.backend), None, None
 
 
 def slot_cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8, *, backend: str | None = None) -> Tensor:
@@ -113,7 +135,8 @@ def slot_cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8, *, backend: 
     dtype = _validate.compute_dtype(a, b)
     chosen = _backend.resolve("slot_cosine_similarity", "_slot_cosine_similarity_forward", backend, a.device.type, _IMPLEMENTED)
     chosen = _within_triton_limit("slot_cosine_similarity", chosen, backend, a.device.type, a.shape[1], b.shape[1])
-    return _slot_cosine_similarity(a.to(dtype), b.to(dtype), eps, chosen)
+    a, b = _validate.cast(dtype, a, b)
+    return eager_or_traced(_SlotCosineSimilarity, _slot_cosine_similarity, a, b, eps, chosen)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,15 +188,14 @@ def _reduce(losses: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
         losses = losses.mean()
     elif reduction == "sum":
         losses = losses.sum()
-    return losses.to(dtype)
+    return losses if losses.dtype == dtype else losses.to(dtype)
 
 
 def _reference_slot_match_loss(student, teacher, assignment, reduction, eps):
     return _reduce(_reference_slot_losses(student, teacher, assignment, eps), reduction, student.dtype)
 
 
-@torch.library.custom_op("kdfast::slot_match_loss", mutates_args=())
-def _slot_match_loss(student: Tensor, teacher: Tensor, assignment: Tensor | None, reduction: str, eps: float, backend: str) -> Tensor:
+def _match_forward(student: Tensor, teacher: Tensor, assignment: Tensor | None, reduction: str, eps: float, backend: str) -> Tensor:
     if backend == "triton":
         losses = _kernels().slot_match_loss_forward(student, teacher, assignment, eps)
     elif backend in ("cpp", "cuda"):
@@ -183,13 +205,7 @@ def _slot_match_loss(student: Tensor, teacher: Tensor, assignment: Tensor | None
     return _reduce(losses, reduction, student.dtype)
 
 
-@_slot_match_loss.register_fake
-def _(student, teacher, assignment, reduction, eps, backend):
-    return student.new_empty(student.shape[:2] if reduction == "none" else ())
-
-
-@torch.library.custom_op("kdfast::slot_match_loss_backward", mutates_args=())
-def _slot_match_loss_backward(
+def _match_backward(
     grad: Tensor, student: Tensor, teacher: Tensor, assignment: Tensor | None, reduction: str, eps: float, backend: str
 ) -> Tensor:
     if backend == "reference":
@@ -203,6 +219,23 @@ def _slot_match_loss_backward(
     return torch.ops.kdfast._slot_match_loss_backward(grad_losses, student, teacher, assignment, eps, grad_scale)
 
 
+@torch.library.custom_op("kdfast::slot_match_loss", mutates_args=())
+def _slot_match_loss(student: Tensor, teacher: Tensor, assignment: Tensor | None, reduction: str, eps: float, backend: str) -> Tensor:
+    return _match_forward(student, teacher, assignment, reduction, eps, backend)
+
+
+@_slot_match_loss.register_fake
+def _(student, teacher, assignment, reduction, eps, backend):
+    return student.new_empty(student.shape[:2] if reduction == "none" else ())
+
+
+@torch.library.custom_op("kdfast::slot_match_loss_backward", mutates_args=())
+def _slot_match_loss_backward(
+    grad: Tensor, student: Tensor, teacher: Tensor, assignment: Tensor | None, reduction: str, eps: float, backend: str
+) -> Tensor:
+    return _match_backward(grad, student, teacher, assignment, reduction, eps, backend)
+
+
 @_slot_match_loss_backward.register_fake
 def _(grad, student, teacher, assignment, reduction, eps, backend):
     return student.new_empty(student.shape)
@@ -213,13 +246,26 @@ def _match_setup(ctx, inputs, output):
     ctx.save_for_backward(student, teacher, assignment)
 
 
-def _match_backward(ctx, grad):
-    student, teacher, assignment = ctx.saved_tensors
-    grad_student = _slot_match_loss_backward(grad, student, teacher, assignment, ctx.reduction, ctx.eps, ctx.backend)
+def _match_op_backward(ctx, grad):
+    grad_student = _slot_match_loss_backward(grad, *ctx.saved_tensors, ctx.reduction, ctx.eps, ctx.backend)
     return grad_student, None, None, None, None, None
 
 
-_slot_match_loss.register_autograd(_match_backward, setup_context=_match_setup)
+_slot_match_loss.register_autograd(_match_op_backward, setup_context=_match_setup)
+
+
+class _SlotMatchLoss(torch.autograd.Function):
+    """The eager path: the same forward and backward as the custom op, without the dispatcher round trips."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, assignment, reduction, eps, backend):
+        _match_setup(ctx, (student, teacher, assignment, reduction, eps, backend), None)
+        return _match_forward(student, teacher, assignment, reduction, eps, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_student = _match_backward(grad, *ctx.saved_tensors, ctx.reduction, ctx.eps, ctx.backend)
+        return grad_student, None, None, None, None, None
 
 
 def slot_match_loss(
@@ -255,7 +301,7 @@ def slot_match_loss(
     if matching == "hungarian" and K > M:
         raise ValueError(f"matching='hungarian' needs K <= M: student has {K} slots, teacher {M}")
     dtype = _validate.compute_dtype(student, teacher)
-    student, teacher = student.to(dtype), teacher.detach().to(dtype)
+    student, teacher = _validate.cast(dtype, student, teacher.detach())
     device_type = student.device.type
     chosen = _backend.resolve("slot_match_loss", "_slot_match_loss_forward", backend, device_type, _IMPLEMENTED)
     chosen = _within_triton_limit("slot_match_loss", chosen, backend, device_type, K, M)
@@ -265,9 +311,10 @@ def slot_match_loss(
         # into different pairings than the float64 reference finds.
         wide = torch.promote_types(dtype, torch.float32)
         with torch.no_grad():
-            similarity = _slot_cosine_similarity(student.detach().to(wide), teacher.to(wide), eps, chosen)
-            assignment = _slot_assignment(similarity)
-    return _slot_match_loss(student, teacher, assignment, reduction, eps, chosen)
+            student_wide, teacher_wide = _validate.cast(wide, student, teacher)
+            similarity = eager_or_traced(_cosine_forward, _slot_cosine_similarity, student_wide, teacher_wide, eps, chosen)
+            assignment = eager_or_traced(reference.slot_assignment, _slot_assignment, similarity)
+    return eager_or_traced(_SlotMatchLoss, _slot_match_loss, student, teacher, assignment, reduction, eps, chosen)
 
 
 def _check_slots(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
