@@ -1,0 +1,1 @@
+"""kdfast's pytest-benchmark suites (bench_<op>.py) and the report script (report.py)."""

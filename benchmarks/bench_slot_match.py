@@ -1,0 +1,149 @@
+"""Benchmarks of batched slot cosine matching (design.md 3.2): slot_match_loss and slot_cosine_similarity.
+
+Each case is one op, one pass (``fwd`` or ``fwd+bwd``), one preset shape and one implementation (see
+conftest.py). Run through ``python benchmarks/report.py``, or directly:
+
+    python -m pytest benchmarks/bench_slot_match.py -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import kdfast.ops
+from kdfast import reference
+from kdfast.ops import slot_match as slot_match_ops
+
+from .conftest import DEVICE, DTYPE, implementation_names, make_implementation, measure, synchronize
+
+# SlotContrast configs (design.md 3.1), batch 64 per GPU; teachers have as many slots as students. The shapes
+# are small enough for the 2-core CPU machines as they are, so CPU runs use them unchanged.
+PRESETS = {"movi-c": (64, 11, 64), "movi-e": (64, 15, 128), "ytvis": (64, 7, 64)}  # (B, K, D)
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One benchmarked op: its eager baseline, its kdfast entry point and how much work it is."""
+
+    reference: Callable  # (x, y) -> output: the eager baseline, also what torch.compile compiles
+    kdfast: Callable  # (x, y, backend=...) -> output
+    kernel: str  # compiled forward kernel, to tell which backends this build has
+    pairwise: bool  # output (B, K, M) with gradients for both inputs; else a scalar loss, gradient for x only
+    hungarian: bool = False
+
+
+# Named wrappers rather than partials: torch.compile gets a plain function with a code object of its own.
+def reference_index_loss(student, teacher):
+    return reference.slot_match_loss(student, teacher, "index")
+
+
+def reference_hungarian_loss(student, teacher):
+    return reference.slot_match_loss(student, teacher, "hungarian")
+
+
+def reference_cosine_similarity(a, b):
+    return reference.slot_cosine_similarity(a, b)
+
+
+OPS = {
+    "slot_match_loss[index]": Op(
+        reference_index_loss,
+        functools.partial(kdfast.ops.slot_match_loss, matching="index"),
+        "_slot_match_loss_forward",
+        pairwise=False,
+    ),
+    "slot_match_loss[hungarian]": Op(
+        reference_hungarian_loss,
+        functools.partial(kdfast.ops.slot_match_loss, matching="hungarian"),
+        "_slot_match_loss_forward",
+        pairwise=False,
+        hungarian=True,
+    ),
+    "slot_cosine_similarity": Op(
+        reference_cosine_similarity,
+        kdfast.ops.slot_cosine_similarity,
+        "_slot_cosine_similarity_forward",
+        pairwise=True,
+    ),
+}
+
+
+def cost(op: Op, B: int, K: int, M: int, D: int, backward: bool) -> tuple[int, int]:
+    """(bytes, flops): the least memory traffic the op needs, and its approximate floating-point operations.
+
+    Bytes: forward reads both inputs and writes the output; the backward reads both inputs again and the
+    output's gradient, and writes the input gradient(s). Hungarian matching also writes the (B, K, M)
+    similarity and reads it back for the solver, and writes and reads the (B, K) int64 assignment.
+    """
+    size = DTYPE.itemsize
+    inputs = (B * K * D + B * M * D) * size
+    output = (B * K * M if op.pairwise else 1) * size
+    nbytes = inputs + output
+    if op.pairwise:
+        # Two norms (2 flops per element each), the batched matmul (2 per multiply-add) and the scaling.
+        flops = 2 * B * (K + M) * D + 2 * B * K * M * D + B * K * M
+        backward_flops = 4 * B * K * M * D + 6 * B * (K + M) * D
+        grads = inputs
+    else:
+        # Per slot pair three dots (<s,t>, |s|^2, |t|^2); the backward is about two more passes over s and t.
+        flops = 6 * B * K * D
+        backward_flops = 4 * B * K * D
+        grads = B * K * D * size
+    if op.hungarian:
+        nbytes += 2 * B * K * M * size + 2 * B * K * 8
+        flops += 2 * B * K * M * D + 2 * B * (K + M) * D
+    if backward:
+        nbytes += inputs + output + grads
+        flops += backward_flops
+    return nbytes, flops
+
+
+CASES = [
+    pytest.param(op_name, pass_name, preset, impl, id=f"{op_name}-{pass_name}-{preset}-{impl}")
+    for op_name, op in OPS.items()
+    for pass_name in PASSES
+    for preset in PRESETS
+    for impl in implementation_names(op.kernel, slot_match_ops._IMPLEMENTED)
+]
+
+
+@pytest.mark.parametrize("op_name, pass_name, preset, impl", CASES)
+def test_slot_match(benchmark, op_name, pass_name, preset, impl):
+    op = OPS[op_name]
+    B, K, D = PRESETS[preset]
+    M = K
+    backward = pass_name == "fwd+bwd"
+    fn = make_implementation(impl, op.reference, op.kdfast)
+
+    x = torch.randn(B, K, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
+    # The teacher of the loss gets no gradient; both sides of the similarity do.
+    y = torch.randn(B, M, D, device=DEVICE, dtype=DTYPE, requires_grad=backward and op.pairwise)
+    wrt = (x, y) if op.pairwise else (x,)
+    grad_output = torch.randn((B, K, M) if op.pairwise else (), device=DEVICE, dtype=DTYPE)
+
+    def step():
+        out = fn(x, y)
+        if backward:
+            torch.autograd.grad(out, wrt, grad_output)
+        synchronize()
+
+    nbytes, flops = cost(op, B, K, M, D, backward)
+    measure(
+        benchmark,
+        step,
+        group=f"{op_name} {pass_name} {preset}",
+        impl=impl,
+        op=op_name,
+        **{"pass": pass_name},
+        preset=preset,
+        shape=f"B={B} K={K} M={M} D={D}",
+        bytes=nbytes,
+        flops=flops,
+    )

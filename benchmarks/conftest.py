@@ -1,0 +1,108 @@
+"""Shared setup of the benchmark suites: the device and dtype, the implementations compared, the timing helper.
+
+Environment:
+    KDFAST_BENCH_DEVICE  ``cuda`` or ``cpu`` (default: cuda when available, else cpu).
+    KDFAST_BENCH_DTYPE   ``float32`` (default); ``bfloat16`` or ``float16`` on CUDA.
+
+Every op is compared as: ``eager`` (kdfast.reference, the seed repos' plain-PyTorch code path), ``compile``
+(torch.compile of that same function) and ``kdfast-<backend>`` for each kdfast backend that runs on the device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from kdfast import _backend
+
+DEVICE = torch.device(os.environ.get("KDFAST_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+DTYPE_NAME = os.environ.get("KDFAST_BENCH_DTYPE", "float32")
+DTYPES = {"cpu": ("float32", "float64"), "cuda": ("float32", "bfloat16", "float16")}
+DTYPE = getattr(torch, DTYPE_NAME, None)
+
+# The order rows appear in a report. kdfast-reference is the reference behind the custom op: the op's overhead.
+KDFAST_BACKENDS = ("triton", "cuda", "cpp", "reference")
+
+# Calls before timing: the first compiles (torch.compile, Triton autotuning), the next ones warm the caches.
+WARMUP_CALLS = 3
+
+
+def pytest_configure(config):
+    if DEVICE.type not in DTYPES:
+        raise pytest.UsageError(f"KDFAST_BENCH_DEVICE must be cpu or cuda, got {DEVICE.type!r}")
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("KDFAST_BENCH_DEVICE=cuda but torch sees no CUDA device")
+    if DTYPE_NAME not in DTYPES[DEVICE.type]:
+        allowed = ", ".join(DTYPES[DEVICE.type])
+        raise pytest.UsageError(f"KDFAST_BENCH_DTYPE on {DEVICE.type} must be one of {allowed}, got {DTYPE_NAME!r}")
+
+
+def pytest_report_header(config):
+    import kdfast
+
+    backends = ", ".join(f"{k}={v}" for k, v in kdfast.info().items())
+    return [f"kdfast benchmarks on {DEVICE} in {DTYPE_NAME}: {backends}"]
+
+
+def kdfast_backends(kernel: str, implemented: tuple[str, ...]) -> list[str]:
+    """The kdfast backends that can run an op (its compiled forward ``kernel``) on the benchmark device."""
+    usable = []
+    for backend in KDFAST_BACKENDS:
+        # Triton on CPU tensors is the interpreter: a correctness tool, orders of magnitude off any fast path.
+        if backend == "triton" and DEVICE.type == "cpu":
+            continue
+        if _backend.unavailable_reason(backend, kernel, DEVICE.type, implemented) is None:
+            usable.append(backend)
+    return usable
+
+
+def implementation_names(kernel: str, implemented: tuple[str, ...]) -> list[str]:
+    """Names of the implementations of one op compared on this device, in report order."""
+    return ["eager", "compile"] + [f"kdfast-{backend}" for backend in kdfast_backends(kernel, implemented)]
+
+
+def make_implementation(name: str, reference_fn: Callable, kdfast_fn: Callable) -> Callable:
+    """The callable behind an implementation name; ``kdfast_fn`` takes the same arguments plus ``backend=``."""
+    if name == "eager":
+        return reference_fn
+    if name == "compile":
+        # A fresh dynamo state per benchmark: recompiles from earlier shapes would otherwise count against the
+        # recompile limit (past it dynamo silently runs eager), and dynamic=False keeps the best static kernels.
+        torch._dynamo.reset()
+        return torch.compile(reference_fn, dynamic=False, fullgraph=False)
+    backend = name.removeprefix("kdfast-")
+    return lambda *args: kdfast_fn(*args, backend=backend)
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timed call ends when its kernels do."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_bytes(step: Callable[[], None]) -> int:
+    """Memory ``step`` allocates at its peak beyond what was allocated before it (CUDA only; untimed)."""
+    synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def measure(benchmark, step: Callable[[], None], group: str, **extra_info) -> None:
+    """Warm ``step`` up, record its peak memory on CUDA and its metadata, then time it with pytest-benchmark.
+
+    ``step`` must synchronize on CUDA itself (see :func:`synchronize`). ``extra_info`` lands in the JSON that
+    benchmarks/report.py reads (bytes, flops, shape, ...).
+    """
+    for _ in range(WARMUP_CALLS):
+        step()
+    benchmark.group = group
+    benchmark.extra_info.update(device=str(DEVICE), dtype=DTYPE_NAME, **extra_info)
+    if DEVICE.type == "cuda":
+        benchmark.extra_info["peak_memory_bytes"] = peak_memory_bytes(step)
+    benchmark(step)
