@@ -748,3 +748,20 @@ def test_gini_impurity():
     close(R.gini_impurity(p), torch.tensor([0.5, 0.0, 1 - 0.04 - 0.64], dtype=DT))
     close(R.gini_impurity(p.T, dim=0), R.gini_impurity(p))
     assert R.gini_impurity(p.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("target", ["batch", "uniform"])
+@pytest.mark.parametrize("shape", [(12, 20, 7, 7), (9, 13), (3, 5, 3, 3)])
+def test_gini_kl_backward_is_autograd_in_float64_and_accurate_in_float32(shape, target):
+    torch.manual_seed(7)
+    C = 1000 if shape[0] == 12 else 6
+    a = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, C, (shape[0],))
+    gg, gk = torch.tensor(0.7, dtype=torch.float64), torch.tensor(-1.3, dtype=torch.float64)
+    gini, kl = R.gini_kl(a, y, C, target)
+    (want,) = torch.autograd.grad(gg * gini + gk * kl, a)
+    got = R.gini_kl_backward(gg, gk, a.detach(), y, C, target)
+    assert ((got - want).norm() / want.norm()).item() < 1e-10
+    got32 = R.gini_kl_backward(gg.float(), gk.float(), a.detach().float(), y, C, target)
+    assert got32.dtype == torch.float32
+    assert ((got32.double() - want).norm() / want.norm()).item() < 1e-5

@@ -27,7 +27,11 @@ def _recording():
     for key in _AUTOGRAD_KEYS:
         torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
     try:
-        with torch.enable_grad():
+        # The recomputed forward must match the one autograd differentiates: never in an autocast dtype.
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
             yield
     finally:
         for key, was_excluded in zip(_AUTOGRAD_KEYS, excluded):
@@ -75,11 +79,22 @@ def reference_vjp(
 
 def eager_or_traced(eager, op, *args):
     """Call ``op`` (a custom op) when torch.compile traces, else ``eager``: an autograd.Function (called through
-    ``apply``) or a plain function computing the same thing.
+    ``apply``) or a plain differentiable function computing the same thing.
 
     A custom op's Python autograd costs tens of microseconds per call in eager mode (two boxed dispatcher
     calls into Python); the slot ops' kernels take about as long, so eager calls skip that layer.
+
+    Autocast policy: ops compute in their inputs' dtype (promoted by the caller), never in an autocast dtype,
+    so an enclosing autocast region is switched off for the call.
     """
+    device_type = next(arg.device.type for arg in args if isinstance(arg, torch.Tensor))
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _call(eager, op, args)
+    return _call(eager, op, args)
+
+
+def _call(eager, op, args):
     if torch.compiler.is_compiling():
         return op(*args)
     if isinstance(eager, type) and issubclass(eager, torch.autograd.Function):

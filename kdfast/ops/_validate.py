@@ -18,7 +18,7 @@ def tensor(name: str, value, layout: str, *, floating: bool = True) -> torch.Ten
     """Check that ``value`` is a tensor with one dimension per letter group of ``layout`` ("(B, K, D)")."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value).__name__}")
-    ndim = len(layout.strip("()").split(","))
+    ndim = len([part for part in layout.strip("()").split(",") if part.strip()])
     if value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(value.shape)}")
     if floating and value.dtype not in FLOAT_DTYPES:

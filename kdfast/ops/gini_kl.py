@@ -12,17 +12,27 @@ from torch import Tensor
 
 from kdfast import _backend, reference
 from kdfast.ops import _validate
-from kdfast.ops._autograd import reference_vjp
+from kdfast.ops._autograd import eager_or_traced
 
 _IMPLEMENTED = ("reference",)
 TARGETS = ("batch", "uniform")
+
+
+def _gini_kl_forward(activations, labels, num_classes, target, delta, backend):
+    return reference.gini_kl(activations, labels, num_classes, target, delta)
+
+
+def _gini_kl_backward_impl(grad_gini, grad_kl, activations, labels, num_classes, target, delta, backend):
+    # The closed form, not autograd through the reference: autograd's float32 result cancels badly (see
+    # kdfast.reference.gini_kl_backward).
+    return reference.gini_kl_backward(grad_gini, grad_kl, activations, labels, num_classes, target, delta)
 
 
 @torch.library.custom_op("kdfast::gini_kl", mutates_args=())
 def _gini_kl(
     activations: Tensor, labels: Tensor, num_classes: int, target: str, delta: float, backend: str
 ) -> tuple[Tensor, Tensor]:
-    gini, kl = reference.gini_kl(activations, labels, num_classes, target, delta)
+    gini, kl = _gini_kl_forward(activations, labels, num_classes, target, delta, backend)
     return gini, kl
 
 
@@ -36,8 +46,7 @@ def _gini_kl_backward(
     grad_gini: Tensor, grad_kl: Tensor, activations: Tensor, labels: Tensor,
     num_classes: int, target: str, delta: float, backend: str,
 ) -> Tensor:
-    args = (num_classes, target, delta)
-    return reference_vjp(reference.gini_kl, (activations, labels), (grad_gini, grad_kl), *args)[0]
+    return _gini_kl_backward_impl(grad_gini, grad_kl, activations, labels, num_classes, target, delta, backend)
 
 
 @_gini_kl_backward.register_fake
@@ -50,16 +59,33 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(activations, labels)
 
 
-def _backward(ctx, grad_gini, grad_kl):
-    activations, labels = ctx.saved_tensors
+def _grads(ctx, grad_gini, grad_kl):
+    """Missing output gradients as zeros, and the extra arguments of the backward."""
+    activations, _ = ctx.saved_tensors
     zero = activations.new_zeros(())
     grad_gini = zero if grad_gini is None else grad_gini
     grad_kl = zero if grad_kl is None else grad_kl
-    args = (ctx.num_classes, ctx.target, ctx.delta, ctx.backend)
-    return _gini_kl_backward(grad_gini, grad_kl, activations, labels, *args), None, None, None, None, None
+    return grad_gini, grad_kl, *ctx.saved_tensors, ctx.num_classes, ctx.target, ctx.delta, ctx.backend
 
 
-_gini_kl.register_autograd(_backward, setup_context=_setup)
+def _op_backward(ctx, grad_gini, grad_kl):
+    return _gini_kl_backward(*_grads(ctx, grad_gini, grad_kl)), None, None, None, None, None
+
+
+_gini_kl.register_autograd(_op_backward, setup_context=_setup)
+
+
+class _GiniKL(torch.autograd.Function):
+    """The eager path: the same forward and backward as the custom op, without the dispatcher round trips."""
+
+    @staticmethod
+    def forward(ctx, activations, labels, num_classes, target, delta, backend):
+        _setup(ctx, (activations, labels, num_classes, target, delta, backend), None)
+        return _gini_kl_forward(activations, labels, num_classes, target, delta, backend)
+
+    @staticmethod
+    def backward(ctx, grad_gini, grad_kl):
+        return _gini_kl_backward_impl(*_grads(ctx, grad_gini, grad_kl)), None, None, None, None, None
 
 
 def gini_kl(
@@ -98,8 +124,10 @@ def gini_kl(
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     _validate.choice("target", target, TARGETS)
     delta = _validate.finite("delta", delta, positive=True)
-    # One host sync, worth it: an out-of-range label would otherwise index out of bounds in a kernel.
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    # One host sync, worth it: an out-of-range label would otherwise index out of bounds in a kernel. A compiled
+    # graph cannot branch on data, so there the range check is the indexing op's own.
+    if not torch.compiler.is_compiling() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}), got min {int(labels.min())}, max {int(labels.max())}")
     chosen = _backend.resolve("gini_kl", "_gini_kl_forward", backend, activations.device.type, _IMPLEMENTED)
-    return _gini_kl(activations, labels.long(), num_classes, target, delta, chosen)
+    args = (activations, labels.long(), num_classes, target, delta, chosen)
+    return eager_or_traced(_GiniKL, _gini_kl, *args)

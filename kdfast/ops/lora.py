@@ -19,7 +19,7 @@ from torch import Tensor
 
 from kdfast import _backend, reference
 from kdfast.ops import _validate
-from kdfast.ops._autograd import reference_vjp
+from kdfast.ops._autograd import eager_or_traced, reference_vjp
 
 _IMPLEMENTED = ("reference",)
 
@@ -34,7 +34,7 @@ def _dropout_mask(x: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor | 
     return keep.to(x.dtype) / (1.0 - dropout_p)
 
 
-def _reference_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+def _reference_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend="reference"):
     return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, _dropout_mask(x, dropout_p, seed))
 
 
@@ -109,30 +109,36 @@ def lora_linear(
     dtype = _validate.compute_dtype(*tensors)
     seed = torch.randint(0, 2**62, ()) if training and dropout_p > 0 else None
     chosen = _backend.resolve("lora_linear", "_lora_linear_forward", backend, x.device.type, _IMPLEMENTED)
-    bias = None if bias is None else bias.to(dtype)
-    return _lora_linear(
-        x.to(dtype), weight.to(dtype), bias, lora_a.to(dtype), lora_b.to(dtype), scale, dropout_p, seed, chosen
-    )
+    x, weight, bias, lora_a, lora_b = _validate.cast(dtype, x, weight, bias, lora_a, lora_b)
+    args = (x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, chosen)
+    return eager_or_traced(_reference_lora_linear, _lora_linear, *args)
 
 
-def _check_linear(x, weight, bias, lora_a, lora_b) -> None:
+def _check_linear(x, weight, bias, lora_a, lora_b, prefix: str = "") -> None:
     if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError(f"x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
-    _validate.tensor("x", x.reshape(-1, x.shape[-1]), "(N, in_features)")
-    _validate.tensor("weight", weight, "(out_features, in_features)")
-    _validate.tensor("lora_a", lora_a, "(r, in_features)")
-    _validate.tensor("lora_b", lora_b, "(out_features, r)")
-    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+        raise ValueError(f"{prefix}x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in _validate.FLOAT_DTYPES:
+        raise TypeError(f"{prefix}x must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
+    _validate.tensor(f"{prefix}weight", weight, "(out_features, in_features)")
+    named = {"x": x, "weight": weight}
+    if lora_a is not None or lora_b is not None:
+        _validate.tensor(f"{prefix}lora_a", lora_a, "(r, in_features)")
+        _validate.tensor(f"{prefix}lora_b", lora_b, "(out_features, r)")
+        named.update(lora_a=lora_a, lora_b=lora_b)
     if bias is not None:
-        _validate.tensor("bias", bias, "(out_features,)")
+        _validate.tensor(f"{prefix}bias", bias, "(out_features,)")
         named["bias"] = bias
-        _validate.same_size("out_features", weight=weight.shape[0], bias=bias.shape[0])
-    _validate.same_device(**named)
+    _validate.same_device(**{prefix + name: t for name, t in named.items()})
     for name, t in named.items():
-        _validate.nonempty(name, t, "with no zero-sized dimension")
-    _validate.same_size("in_features", x=x.shape[-1], weight=weight.shape[1], lora_a=lora_a.shape[1])
-    _validate.same_size("out_features", weight=weight.shape[0], lora_b=lora_b.shape[0])
-    _validate.same_size("rank r", lora_a=lora_a.shape[0], lora_b=lora_b.shape[1])
+        _validate.nonempty(prefix + name, t, "with no zero-sized dimension")
+    in_sizes = {"x": x.shape[-1], "weight": weight.shape[1]}
+    out_sizes = {"weight": weight.shape[0]} | ({} if bias is None else {"bias": bias.shape[0]})
+    if lora_a is not None:
+        in_sizes["lora_a"] = lora_a.shape[1]
+        out_sizes["lora_b"] = lora_b.shape[0]
+        _validate.same_size(f"{prefix}rank r", lora_a=lora_a.shape[0], lora_b=lora_b.shape[1])
+    _validate.same_size(f"{prefix}in_features", **in_sizes)
+    _validate.same_size(f"{prefix}out_features", **out_sizes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,7 +149,7 @@ def _pairs(a_q, b_q, a_k, b_k, a_v, b_v):
     return [None if a is None else (a, b) for a, b in ((a_q, b_q), (a_k, b_k), (a_v, b_v))]
 
 
-def _reference_lora_qkv(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads):
+def _reference_lora_qkv(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads, backend="reference"):
     return reference.lora_qkv(x, w_qkv, b_qkv, *_pairs(a_q, b_q, a_k, b_k, a_v, b_v), scale, num_heads)
 
 
@@ -154,7 +160,8 @@ def _lora_qkv(
     scale: float, num_heads: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = _reference_lora_qkv(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads)
-    return q.contiguous(), k.contiguous(), v.contiguous()
+    # Three views of one qkv tensor: a custom op's outputs may not alias each other.
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 @_lora_qkv.register_fake
@@ -238,15 +245,17 @@ def lora_qkv(
         _validate.same_size(f"{slice_name} in_features C", x=C, A=a.shape[1])
         _validate.same_size(f"{slice_name} out_features C", x=C, B=b.shape[0])
         _validate.same_size(f"{slice_name} rank r", A=a.shape[0], B=b.shape[1])
+        _validate.nonempty(f"{slice_name}[0] (A)", a, "(r, C)")
         named[f"{slice_name}_A"], named[f"{slice_name}_B"] = a, b
         flat += [a, b]
     _validate.same_device(**named)
     scale = _validate.finite("scale", scale)
     dtype = _validate.compute_dtype(*named.values())
-    flat = [None if t is None else t.to(dtype) for t in flat]
-    b_qkv = None if b_qkv is None else b_qkv.to(dtype)
+    flat = _validate.cast(dtype, *flat)
+    (b_qkv,) = _validate.cast(dtype, b_qkv)
     chosen = _backend.resolve("lora_qkv", "_lora_qkv_forward", backend, x.device.type, _IMPLEMENTED)
-    return _lora_qkv(x.to(dtype), w_qkv.to(dtype), b_qkv, *flat, scale, num_heads, chosen)
+    x, w_qkv = _validate.cast(dtype, x, w_qkv)
+    return eager_or_traced(_reference_lora_qkv, _lora_qkv, x, w_qkv, b_qkv, *flat, scale, num_heads, chosen)
 
 
 def lora_attention(
@@ -260,8 +269,13 @@ def lora_attention(
     Args: as ``lora_qkv``, plus w_proj (C, C), b_proj (C,) or None, lora_proj (A (r, C), B (C, r)) or None.
     Returns: (B, T, C).
     """
+    if lora_proj is not None and (not isinstance(lora_proj, (tuple, list)) or len(lora_proj) != 2):
+        raise TypeError(f"lora_proj must be a pair (A (r, C), B (C, r)) or None, got {type(lora_proj).__name__}")
+    a_proj, b_proj_lora = (None, None) if lora_proj is None else lora_proj
+    _check_linear(x, w_proj, b_proj, a_proj, b_proj_lora, prefix="proj ")
     q, k, v = lora_qkv(x, w_qkv, b_qkv, lora_q, lora_k, lora_v, scale, num_heads, backend=backend)
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
     if lora_proj is None:
-        return F.linear(out, w_proj.to(out.dtype), None if b_proj is None else b_proj.to(out.dtype))
-    return lora_linear(out, w_proj, b_proj, lora_proj[0], lora_proj[1], scale, backend=backend)
+        w_proj, b_proj = _validate.cast(out.dtype, w_proj, b_proj)
+        return F.linear(out, w_proj, b_proj)
+    return lora_linear(out, w_proj, b_proj, a_proj, b_proj_lora, scale, backend=backend)

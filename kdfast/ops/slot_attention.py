@@ -12,9 +12,13 @@ from torch import Tensor
 
 from kdfast import _backend, reference
 from kdfast.ops import _validate
-from kdfast.ops._autograd import reference_vjp
+from kdfast.ops._autograd import eager_or_traced
 
 _IMPLEMENTED = ("reference",)
+
+
+def _reference_core(q, k, v, scale, eps, backend):
+    return reference.slot_attention_core(q, k, v, scale, eps)
 
 
 @torch.library.custom_op("kdfast::slot_attention_core", mutates_args=())
@@ -91,4 +95,5 @@ def slot_attention_core(
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     dtype = _validate.compute_dtype(q, k, v)
     chosen = _backend.resolve("slot_attention_core", "_slot_attention_core_forward", backend, q.device.type, _IMPLEMENTED)
-    return _slot_attention_core(q.to(dtype), k.to(dtype), v.to(dtype), scale, eps, chosen)
+    q, k, v = _validate.cast(dtype, q, k, v)
+    return eager_or_traced(_reference_core, _slot_attention_core, q, k, v, scale, eps, chosen)

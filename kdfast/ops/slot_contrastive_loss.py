@@ -12,7 +12,7 @@ from torch import Tensor
 
 from kdfast import _backend, reference
 from kdfast.ops import _validate
-from kdfast.ops._autograd import reference_vjp
+from kdfast.ops._autograd import eager_or_traced, reference_vjp
 
 _IMPLEMENTED = ("reference",)
 REDUCTIONS = ("mean", "sum", "none")
@@ -20,6 +20,10 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @torch.library.custom_op("kdfast::slot_contrastive_loss", mutates_args=())
 def _slot_contrastive_loss(slots: Tensor, temperature: float, batch_contrast: bool, reduction: str, backend: str) -> Tensor:
+    return _reference_loss(slots, temperature, batch_contrast, reduction, backend).contiguous()
+
+
+def _reference_loss(slots, temperature, batch_contrast, reduction, backend):
     return reference.slot_contrastive_loss(slots, temperature, batch_contrast, reduction)
 
 
@@ -89,4 +93,5 @@ def slot_contrastive_loss(
     chosen = _backend.resolve(
         "slot_contrastive_loss", "_slot_contrastive_loss_forward", backend, slots.device.type, _IMPLEMENTED
     )
-    return _slot_contrastive_loss(slots, temperature, batch_contrast, reduction, chosen)
+    args = (slots, temperature, batch_contrast, reduction, chosen)
+    return eager_or_traced(_reference_loss, _slot_contrastive_loss, *args)
