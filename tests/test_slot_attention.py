@@ -1,0 +1,344 @@
+"""slot_attention_core (softmax over slots, weighted mean over inputs) on every backend against the float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import TOLERANCE, assert_close, implemented_cases, rand, relative_error
+
+import kdfast.ops as ops
+from kdfast import reference
+from kdfast.ops import slot_attention
+
+CASES = implemented_cases(slot_attention._IMPLEMENTED)
+# (B, K, N, D, Dv): singletons, N = 1, K = 1, D not a power of two (48, 96), N not a multiple of a tile (37),
+# values of another width than the keys, the SlotContrast movi-c slot count (11).
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 3, 1, 16, 16),
+    (2, 1, 37, 48, 48),
+    (2, 7, 37, 48, 48),
+    (3, 11, 64, 96, 96),
+    (2, 5, 37, 48, 20),
+]
+
+
+def dtypes(device: str, backend: str) -> list[torch.dtype]:
+    if device == "cuda":
+        return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    # numpy, which runs the Triton interpreter, has no bfloat16.
+    return [torch.float32, torch.float64] + ([] if backend == "triton" else [torch.bfloat16])
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().requires_grad_()
+
+
+def grads_of(outputs, inputs, grad_outputs):
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    grad_outputs = [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else list(grad_outputs)
+    return torch.autograd.grad(outputs, inputs, [g.to(o.dtype) for o, g in zip(outputs, grad_outputs)])
+
+
+def inputs(B, K, N, D, Dv, dtype=torch.float32, device="cpu"):
+    return (
+        leaf(rand(B, K, D, dtype=dtype, device=device)),
+        leaf(rand(B, N, D, dtype=dtype, device=device)),
+        leaf(rand(B, N, Dv, dtype=dtype, device=device)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_core_matches_reference(device, backend, shape):
+    B, K, N, D, Dv = shape
+    for dtype in dtypes(device, backend):
+        q, k, v = inputs(*shape, dtype=dtype, device=device)
+        q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
+        scale = 0.7 * D**-0.5
+        updates, attn = ops.slot_attention_core(q, k, v, scale, 1e-8, backend=backend)
+        ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, scale, 1e-8)
+        assert updates.dtype == dtype and attn.dtype == dtype
+        assert updates.shape == (B, K, Dv) and attn.shape == (B, K, N)
+        assert_close(updates, ref_updates, dtype, f"{dtype} updates")
+        assert_close(attn, ref_attn, dtype, f"{dtype} attention")
+        # Gradients through both outputs (the masks are a loss input in SlotContrast), grad_output random.
+        grad_out = (rand(B, K, Dv, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
+        got = grads_of((updates, attn), (q, k, v), grad_out)
+        want = grads_of((ref_updates, ref_attn), (q64, k64, v64), grad_out)
+        for name, g, w in zip("qkv", got, want):
+            assert g.dtype == dtype and g.shape == w.shape
+            assert_close(g, w, dtype, f"{dtype} grad of {name}")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_gradient_through_one_output_only(device, backend):
+    """The usual loss reads the updates only (masks unused), or the masks only: the missing gradient is zero."""
+    shape = (2, 5, 37, 48, 48)
+    q, k, v = inputs(*shape, device=device)
+    q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
+    for which in (0, 1):
+        out = ops.slot_attention_core(q, k, v, backend=backend)[which]
+        ref = reference.slot_attention_core(q64, k64, v64)[which]
+        grad_out = rand(*out.shape, device=device)
+        got = torch.autograd.grad(out, (q, k, v), grad_out, allow_unused=True)
+        want = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double(), allow_unused=True)
+        for name, g, w in zip("qkv", got, want):
+            if w is None:  # the masks do not depend on v
+                assert g is None or not g.any(), f"grad of {name} should be zero"
+                continue
+            assert_close(g, w, torch.float32, f"output {which}: grad of {name}")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_defaults_and_explicit_formula(device, backend):
+    """scale=None is D**-0.5; the gradients equal design 3.1's hand-written backward."""
+    B, K, N, D = 3, 7, 29, 24
+    q, k, v = inputs(B, K, N, D, D, dtype=torch.float64, device=device)
+    updates, attn = ops.slot_attention_core(q, k, v, backend=backend)
+    ref_updates, ref_attn = reference.slot_attention_core(q, k, v, D**-0.5, 1e-8)
+    assert_close(updates, ref_updates, torch.float64, "updates")
+    assert_close(attn, ref_attn, torch.float64, "attention")
+    grad_updates, grad_attn = rand(B, K, D, dtype=torch.float64, device=device), rand(B, K, N, dtype=torch.float64, device=device)
+    got = grads_of((updates, attn), (q, k, v), (grad_updates, grad_attn))
+    want = reference.slot_attention_core_backward(grad_updates, grad_attn, q, k, v, D**-0.5, 1e-8)
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, torch.float64, f"grad of {name}")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_invariants(device, backend):
+    """Masks are a distribution over the slots; with one slot every mask is 1 and the update is the mean value."""
+    q, k, v = inputs(2, 6, 41, 32, 32, device=device)
+    _, attn = ops.slot_attention_core(q, k, v, backend=backend)
+    torch.testing.assert_close(attn.sum(1), torch.ones(2, 41, device=device))
+    assert (attn >= 0).all()
+    q1 = rand(2, 1, 32, dtype=torch.float64, device=device)
+    v64 = v.detach().double()
+    updates, attn = ops.slot_attention_core(q1, k.detach().double(), v64, eps=1e-3, backend=backend)
+    assert torch.equal(attn, torch.ones_like(attn))
+    assert_close(updates, v64.mean(1, keepdim=True), torch.float64, "K=1 updates")
+
+
+# ------------------------------------------------------------------------------------------- awkward inputs
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_non_contiguous_and_expanded_inputs(device, backend):
+    B, K, N, D = 3, 5, 37, 48
+    q = leaf(rand(1, K, D, device=device)).expand(B, K, D)  # one slot initialisation broadcast over the batch
+    k = leaf(rand(B, D, N, device=device)).transpose(1, 2)  # transposed projection outputs
+    v = leaf(rand(B, D, N, device=device)).transpose(1, 2)
+    assert not k.is_contiguous() and not v.is_contiguous()
+    updates, attn = ops.slot_attention_core(q, k, v, backend=backend)
+    ref_updates, ref_attn = reference.slot_attention_core(q.double(), k.double(), v.double())
+    assert_close(updates, ref_updates, torch.float32, "updates")
+    assert_close(attn, ref_attn, torch.float32, "attention")
+    grad_out = (rand(B, D, K, device=device).transpose(1, 2), rand(B, N, K, device=device).transpose(1, 2))
+    got = grads_of((updates, attn), (q, k, v), grad_out)
+    want = grads_of((ref_updates, ref_attn), (q, k, v), grad_out)
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, torch.float32, f"grad of {name}")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_large_logits_stay_finite(device, backend):
+    """scale * 100: the softmax over the slots saturates; no NaN or inf, and still the reference's numbers."""
+    B, K, N, D = 2, 7, 37, 48
+    for dtype in (torch.float64, torch.float32):
+        q, k, v = inputs(B, K, N, D, D, dtype=dtype, device=device)
+        q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
+        scale = 100 * D**-0.5
+        updates, attn = ops.slot_attention_core(q, k, v, scale, backend=backend)
+        assert torch.isfinite(updates).all() and torch.isfinite(attn).all()
+        ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, scale)
+        assert_close(updates, ref_updates, dtype, f"{dtype} updates")
+        assert_close(attn, ref_attn, dtype, f"{dtype} attention")
+        grad_out = (rand(B, K, D, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
+        got = grads_of((updates, attn), (q, k, v), grad_out)
+        want = grads_of((ref_updates, ref_attn), (q64, k64, v64), grad_out)
+        for name, g, w in zip("qkv", got, want):
+            assert torch.isfinite(g).all(), f"{dtype} grad of {name} is not finite"
+            # dq and dk carry the logit scale (~14 here, logits ~100): float32 rounding alone leaves ~1e-5 in
+            # them, so float32 checks finiteness there and float64 checks the numbers.
+            if dtype == torch.float64 or name == "v":
+                assert_close(g, w, dtype, f"{dtype} grad of {name}")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_eps_zero_and_large_eps(device, backend):
+    q, k, v = inputs(2, 4, 13, 8, 8, dtype=torch.float64, device=device)
+    for eps in (0.0, 0.5):
+        updates, _ = ops.slot_attention_core(q, k, v, None, eps, backend=backend)
+        ref_updates, _ = reference.slot_attention_core(q, k, v, None, eps)
+        assert_close(updates, ref_updates, torch.float64, f"eps={eps} updates")
+        grad_out = rand(2, 4, 8, dtype=torch.float64, device=device)
+        for g, w in zip(grads_of(updates, (q, k, v), grad_out), grads_of(ref_updates, (q, k, v), grad_out)):
+            assert_close(g, w, torch.float64, f"eps={eps} grad")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_results_are_deterministic(device, backend):
+    q, k, v = inputs(4, 11, 64, 48, 48, device=device)
+    grad_out = (rand(4, 11, 48, device=device), rand(4, 11, 64, device=device))
+    runs = []
+    for _ in range(2):
+        outs = ops.slot_attention_core(q, k, v, backend=backend)
+        runs.append((*outs, *grads_of(outs, (q, k, v), grad_out)))
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_nan_propagates_as_in_the_reference(device, backend):
+    q, k, v = rand(2, 4, 16, device=device), rand(2, 9, 16, device=device), rand(2, 9, 16, device=device)
+    v[1, 3, 5] = float("nan")
+    updates, attn = ops.slot_attention_core(q, k, v, backend=backend)
+    ref_updates, ref_attn = reference.slot_attention_core(q, k, v)
+    assert updates.isnan().any()
+    assert relative_error(updates, ref_updates) <= TOLERANCE[torch.float32]
+    assert relative_error(attn, ref_attn) <= TOLERANCE[torch.float32]
+
+
+def test_mixed_dtypes_are_promoted():
+    """Slots from a bf16 matmul, keys and values in fp32: computed and returned in fp32, not rejected."""
+    q, k, v = rand(2, 5, 16, dtype=torch.bfloat16), rand(2, 11, 16), rand(2, 11, 16)
+    updates, attn = ops.slot_attention_core(q, k, v)
+    assert updates.dtype == torch.float32 and attn.dtype == torch.float32
+    ref_updates, ref_attn = reference.slot_attention_core(q.double(), k.double(), v.double())
+    assert_close(updates, ref_updates, torch.float32, "updates")
+    assert_close(attn, ref_attn, torch.float32, "attention")
+    updates, _ = ops.slot_attention_core(q.float(), k, v.double())
+    assert updates.dtype == torch.float64
+
+
+def test_autocast_mixed_dtypes_compute_in_float32():
+    """Under CPU bf16 autocast q comes from a Linear (bf16), k and v are fp32: the op computes in fp32."""
+    slots, k, v = rand(2, 5, 24), rand(2, 37, 16), rand(2, 37, 16)
+    to_q = torch.nn.Linear(24, 16, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = to_q(slots)
+        updates, attn = ops.slot_attention_core(q, k, v)
+    assert q.dtype == torch.bfloat16 and updates.dtype == torch.float32 and attn.dtype == torch.float32
+    ref_updates, ref_attn = reference.slot_attention_core(q.double(), k.double(), v.double())
+    assert_close(updates, ref_updates, torch.float32, "updates under autocast")
+    assert_close(attn, ref_attn, torch.float32, "attention under autocast")
+    updates.sum().backward()
+    assert to_q.weight.grad is not None and torch.isfinite(to_q.weight.grad).all()
+
+
+# ------------------------------------------------------------------------------------ gradcheck / opcheck
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_gradcheck(device, backend):
+    for shape, scale, eps in [((2, 3, 5, 4, 3), None, 1e-8), ((1, 1, 1, 2, 2), 0.9, 1e-8), ((2, 4, 3, 3, 3), 2.0, 0.0)]:
+        q, k, v = inputs(*shape, dtype=torch.float64, device=device)
+        fn = lambda q, k, v, scale=scale, eps=eps: ops.slot_attention_core(q, k, v, scale, eps, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_custom_op_autograd_matches_reference(device, backend):
+    """Eager calls may take a faster path than the custom op; torch.compile always calls the op, so its autograd
+    formula (a backward custom op) is checked directly: values, gradients of both outputs and of each alone."""
+    op = torch.ops.kdfast.slot_attention_core.default
+    shape = (2, 5, 37, 48, 20)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = inputs(*shape, dtype=dtype, device=device)
+        q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
+        outs = op(q, k, v, 0.3, 1e-8, backend)
+        refs = reference.slot_attention_core(q64, k64, v64, 0.3, 1e-8)
+        for name, o, r in zip(("updates", "attention"), outs, refs):
+            assert o.dtype == dtype
+            assert_close(o, r, dtype, f"{dtype} {name}")
+        grad_out = [rand(*r.shape, dtype=dtype, device=device) for r in refs]
+        for used in ((0, 1), (0,), (1,)):
+            got = torch.autograd.grad([outs[i] for i in used], (q, k, v), [grad_out[i] for i in used], retain_graph=True)
+            want = torch.autograd.grad(
+                [refs[i] for i in used], (q64, k64, v64), [grad_out[i].double() for i in used],
+                retain_graph=True, allow_unused=True,
+            )
+            for name, g, w in zip("qkv", got, want):
+                assert_close(g, torch.zeros_like(g) if w is None else w, dtype, f"{dtype} outputs {used}: grad of {name}")
+    q, k, v = inputs(2, 3, 4, 3, 2, dtype=torch.float64, device=device)
+    assert torch.autograd.gradcheck(lambda q, k, v: op(q, k, v, 0.8, 1e-8, backend), (q, k, v))
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_opcheck(device, backend):
+    kd = torch.ops.kdfast
+    for B, K, N, D, Dv in [(2, 3, 5, 4, 6), (1, 1, 1, 2, 2)]:
+        q, k, v = inputs(B, K, N, D, Dv, device=device)
+        torch.library.opcheck(kd.slot_attention_core.default, (q, k, v, D**-0.5, 1e-8, backend))
+        # Backward ops are checked on plain tensors: double backward is not supported.
+        args = (rand(B, K, Dv, device=device), rand(B, K, N, device=device), q.detach(), k.detach(), v.detach())
+        torch.library.opcheck(kd.slot_attention_core_backward.default, (*args, D**-0.5, 1e-8, backend))
+
+
+class _Grouper(torch.nn.Module):
+    """A SlotContrast-style read-out: k/v projections of the features, q from the slots, the core, a loss."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.to_q = torch.nn.Linear(dim, dim, bias=False)
+        self.to_k = torch.nn.Linear(dim, dim, bias=False)
+        self.to_v = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, slots, features, target):
+        updates, attn = ops.slot_attention_core(self.to_q(slots), self.to_k(features), self.to_v(features))
+        return (updates - target).square().mean() + attn.square().mean(), updates, attn
+
+
+def test_compile_fullgraph_matches_eager():
+    module = _Grouper(20)
+    slots, features, target = leaf(rand(3, 5, 20)), rand(3, 37, 20), rand(3, 5, 20)
+    compiled = torch.compile(module, fullgraph=True)
+    eager = module(slots, features, target)
+    got = compiled(slots, features, target)
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e)
+    wrt = (slots, *module.parameters())
+    for g, e in zip(torch.autograd.grad(got[0], wrt), torch.autograd.grad(eager[0], wrt)):
+        torch.testing.assert_close(g, e)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+B, K, N, D = 2, 3, 5, 8
+
+
+def _bad_inputs():
+    s = lambda *shape, **kw: rand(*shape, **kw)  # noqa: E731
+    good = lambda: (s(B, K, D), s(B, N, D), s(B, N, D))  # noqa: E731
+    return [
+        ("q rank", lambda: (s(K, D), s(B, N, D), s(B, N, D)), {}, ValueError, r"q must have 3 dimensions \(B, K, D\)"),
+        ("k rank", lambda: (s(B, K, D), s(B, N, D, 1), s(B, N, D)), {}, ValueError, r"k must have 3 dimensions \(B, N, D\)"),
+        ("v rank", lambda: (s(B, K, D), s(B, N, D), s(N, D)), {}, ValueError, r"v must have 3 dimensions"),
+        ("batch mismatch", lambda: (s(B, K, D), s(B + 1, N, D), s(B + 1, N, D)), {}, ValueError, r"batch size B must match"),
+        ("D mismatch", lambda: (s(B, K, D), s(B, N, D + 1), s(B, N, D)), {}, ValueError, r"query/key dimension D must match"),
+        ("N mismatch", lambda: (s(B, K, D), s(B, N, D), s(B, N + 1, D)), {}, ValueError, r"number of inputs N must match"),
+        ("integer q", lambda: (torch.ones(B, K, D, dtype=torch.int64), s(B, N, D), s(B, N, D)), {}, TypeError, r"q must be a float"),
+        ("integer v", lambda: (s(B, K, D), s(B, N, D), torch.ones(B, N, D, dtype=torch.int32)), {}, TypeError, r"v must be a float"),
+        ("not a tensor", lambda: ([[[1.0]]], s(B, N, D), s(B, N, D)), {}, TypeError, r"q must be a torch.Tensor"),
+        ("K = 0", lambda: (s(B, 0, D), s(B, N, D), s(B, N, D)), {}, ValueError, r"q must have no zero-sized dimension"),
+        ("N = 0", lambda: (s(B, K, D), s(B, 0, D), s(B, 0, D)), {}, ValueError, r"k must have no zero-sized dimension"),
+        ("D = 0", lambda: (s(B, K, 0), s(B, N, 0), s(B, N, D)), {}, ValueError, r"q must have no zero-sized dimension"),
+        ("B = 0", lambda: (s(0, K, D), s(0, N, D), s(0, N, D)), {}, ValueError, r"no zero-sized dimension"),
+        ("mixed devices", lambda: (s(B, K, D), s(B, N, D, device="meta"), s(B, N, D)), {}, ValueError, r"one device"),
+        ("scale nan", good, {"scale": float("nan")}, ValueError, r"scale must be a finite"),
+        ("scale inf", good, {"scale": float("inf")}, ValueError, r"scale must be a finite"),
+        ("scale not a number", good, {"scale": "1"}, TypeError, r"scale must be a number"),
+        ("eps nan", good, {"eps": float("nan")}, ValueError, r"eps must be a finite"),
+        ("eps < 0", good, {"eps": -1e-8}, ValueError, r"eps must be a finite number >= 0"),
+        ("backend", good, {"backend": "fast"}, ValueError, r"backend must be one of"),
+    ]
+
+
+@pytest.mark.parametrize(("make", "kwargs", "error", "message"), [c[1:] for c in _bad_inputs()], ids=[c[0] for c in _bad_inputs()])
+def test_bad_input_gets_a_clear_error(make, kwargs, error, message):
+    q, k, v = make()
+    with pytest.raises(error, match=message):
+        ops.slot_attention_core(q, k, v, **kwargs)
