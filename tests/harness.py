@@ -67,3 +67,23 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     """Compare with the float64 reference at the tolerance of ``dtype``; NaN never passes unless ref has it."""
     error = relative_error(out, ref)
     assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3g} > {TOLERANCE[dtype]:g} ({dtype})"
+
+
+def dtypes(device: str, backend: str) -> list[torch.dtype]:
+    """The dtypes a backend is tested in on a device."""
+    if device == "cuda":
+        return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    # numpy, which runs the Triton interpreter, has no bfloat16.
+    return [torch.float32, torch.float64] + ([] if backend == "triton" else [torch.bfloat16])
+
+
+def leaf(x: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+    """A fresh autograd leaf with x's values."""
+    return x.detach().requires_grad_(requires_grad)
+
+
+def grads_of(outputs, inputs, grad_outputs):
+    """torch.autograd.grad of one output or several, each incoming gradient cast to its output's dtype."""
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    grad_outputs = [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else list(grad_outputs)
+    return torch.autograd.grad(outputs, inputs, [g.to(o.dtype) for o, g in zip(outputs, grad_outputs)])

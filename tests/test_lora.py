@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import assert_close, implemented_cases, rand
+from harness import assert_close, dtypes, grads_of, implemented_cases, leaf, rand
 
 import kdfast.ops as ops
 from kdfast import reference
@@ -28,15 +28,6 @@ QKV_SHAPES = [(1, 1, 4, 1), (2, 5, 12, 3), (2, 7, 48, 4)]
 SLICES = {"qkv": (True, True, True), "qv": (True, False, True), "k": (False, True, False), "none": (False, False, False)}
 
 
-def dtypes(device: str, backend: str) -> list[torch.dtype]:
-    if device == "cuda":
-        return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-    # numpy, which runs the Triton interpreter, has no bfloat16.
-    return [torch.float32, torch.float64] + ([] if backend == "triton" else [torch.bfloat16])
-
-
-def leaf(x: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
-    return x.detach().requires_grad_(requires_grad)
 
 
 def as64(t):
@@ -47,11 +38,6 @@ def as64(t):
         return tuple(as64(x) for x in t)
     return leaf(t.double(), t.requires_grad)
 
-
-def grads_of(outputs, inputs, grad_outputs):
-    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
-    grad_outputs = [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else list(grad_outputs)
-    return torch.autograd.grad(outputs, inputs, [g.to(o.dtype) for o, g in zip(outputs, grad_outputs)])
 
 
 def linear_inputs(lead, I, O, r, *, bias=True, dtype=torch.float32, device="cpu", base_grad=True):

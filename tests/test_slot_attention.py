@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import TOLERANCE, assert_close, implemented_cases, rand, relative_error
+from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
 
 import kdfast.ops as ops
 from kdfast import reference
@@ -23,21 +23,7 @@ SHAPES = [
 ]
 
 
-def dtypes(device: str, backend: str) -> list[torch.dtype]:
-    if device == "cuda":
-        return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-    # numpy, which runs the Triton interpreter, has no bfloat16.
-    return [torch.float32, torch.float64] + ([] if backend == "triton" else [torch.bfloat16])
 
-
-def leaf(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().requires_grad_()
-
-
-def grads_of(outputs, inputs, grad_outputs):
-    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
-    grad_outputs = [grad_outputs] if isinstance(grad_outputs, torch.Tensor) else list(grad_outputs)
-    return torch.autograd.grad(outputs, inputs, [g.to(o.dtype) for o, g in zip(outputs, grad_outputs)])
 
 
 def inputs(B, K, N, D, Dv, dtype=torch.float32, device="cpu"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import TOLERANCE, assert_close, implemented_cases, rand, relative_error
+from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
 
 import kdfast.ops as ops
 from kdfast import reference
@@ -16,19 +16,7 @@ CASES = implemented_cases(slot_match._IMPLEMENTED)
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 11, 13, 48), (2, 15, 15, 96), (1, 7, 9, 300)]
 
 
-def dtypes(device: str, backend: str) -> list[torch.dtype]:
-    if device == "cuda":
-        return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-    # numpy, which runs the Triton interpreter, has no bfloat16.
-    return [torch.float32, torch.float64] + ([] if backend == "triton" else [torch.bfloat16])
 
-
-def leaf(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().requires_grad_()
-
-
-def grads_of(out: torch.Tensor, inputs, grad_out: torch.Tensor):
-    return torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------- values
