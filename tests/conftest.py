@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("KDFAST_POISON", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 # Fresh inputs on every run, reproducible on demand: KDFAST_TEST_SEED=<the seed in the header> replays a run.
 SEED = int(os.environ.get("KDFAST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))

@@ -10,8 +10,7 @@ import torch
 from harness import rand
 
 import kdfast
-import kdfast.ops as ops
-from kdfast import _backend, reference
+from kdfast import _backend, ops, reference
 from kdfast.ops import slot_match
 
 

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from harness import assert_close, dtypes, grads_of, implemented_cases, leaf, rand
 
-import kdfast.ops as ops
-from kdfast import reference
+from kdfast import ops, reference
 from kdfast.ops import lora
 
 CASES = implemented_cases(lora._IMPLEMENTED)
@@ -177,7 +176,7 @@ def test_linear_custom_op_with_a_seed_is_a_deterministic_function(device, backen
     first = op(x, weight, b, a, bb, 0.9, 0.4, seed, backend)
     assert torch.equal(first, op(x, weight, b, a, bb, 0.9, 0.4, seed, backend))
     assert not torch.equal(first, op(x, weight, b, a, bb, 0.9, 0.4, seed + 1, backend))
-    fn = lambda x, w, b, a, bb: op(x, w, b, a, bb, 0.9, 0.4, seed, backend)  # noqa: E731
+    fn = lambda x, w, b, a, bb: op(x, w, b, a, bb, 0.9, 0.4, seed, backend)
     assert torch.autograd.gradcheck(fn, (x, weight, b, a, bb))
 
 
@@ -244,7 +243,7 @@ class TimmLoRAAttention(torch.nn.Module):
         self.num_heads, self.scale = num_heads, 0.8
         self.qkv = torch.nn.Linear(dim, 3 * dim, bias=qkv_bias, dtype=dtype)
         self.proj = torch.nn.Linear(dim, dim, bias=proj_bias, dtype=dtype)
-        new = lambda *shape: torch.nn.Parameter(rand(*shape, dtype=dtype) * 0.3)  # noqa: E731
+        new = lambda *shape: torch.nn.Parameter(rand(*shape, dtype=dtype) * 0.3)
         self.lora_q, self.lora_k, self.lora_v = (torch.nn.ParameterList([new(rank, dim), new(dim, rank)]) for _ in range(3))
         self.lora_proj = torch.nn.ParameterList([new(rank, dim), new(dim, rank)]) if proj_lora else None
 
@@ -309,9 +308,9 @@ def test_gradcheck(device, backend):
     for lead, bias in (((2, 3), True), ((), False)):
         tensors = [t for t in linear_inputs(lead, 4, 3, 2, bias=bias, dtype=torch.float64, device=device) if t is not None]
         if bias:
-            fn = lambda x, w, b, a, bb: ops.lora_linear(x, w, b, a, bb, 0.7, backend=backend)  # noqa: E731
+            fn = lambda x, w, b, a, bb: ops.lora_linear(x, w, b, a, bb, 0.7, backend=backend)
         else:
-            fn = lambda x, w, a, bb: ops.lora_linear(x, w, None, a, bb, 0.7, backend=backend)  # noqa: E731
+            fn = lambda x, w, a, bb: ops.lora_linear(x, w, None, a, bb, 0.7, backend=backend)
         assert torch.autograd.gradcheck(fn, tuple(tensors))
     for slices, bias in (("qkv", True), ("qv", False)):
         x, w_qkv, b_qkv, pairs = qkv_inputs(1, 3, 4, SLICES[slices], bias=bias, r=1, dtype=torch.float64, device=device)
@@ -444,8 +443,8 @@ I, O, R = 6, 5, 3
 
 
 def _bad_linear_inputs():
-    s = lambda *shape, **kw: rand(*shape, **kw)  # noqa: E731
-    good = lambda: (s(2, I), s(O, I), s(O), s(R, I), s(O, R))  # noqa: E731
+    s = lambda *shape, **kw: rand(*shape, **kw)
+    good = lambda: (s(2, I), s(O, I), s(O), s(R, I), s(O, R))
 
     def replace(i, value):
         def make():
@@ -455,7 +454,7 @@ def _bad_linear_inputs():
 
         return make
 
-    integer = lambda *shape: torch.ones(*shape, dtype=torch.int64)  # noqa: E731
+    integer = lambda *shape: torch.ones(*shape, dtype=torch.int64)
     return [
         ("x not a tensor", replace(0, [1.0] * I), {}, ValueError, r"x must be a tensor of shape \(\.\.\., in_features\)"),
         ("x 0-d", replace(0, lambda: s()), {}, ValueError, r"x must be a tensor of shape \(\.\.\., in_features\)"),
@@ -498,8 +497,8 @@ C, H = 8, 2
 
 
 def _bad_qkv_inputs():
-    s = lambda *shape, **kw: rand(*shape, **kw)  # noqa: E731
-    pair = lambda r=R, c=C, **kw: (s(r, c, **kw), s(c, r, **kw))  # noqa: E731
+    s = lambda *shape, **kw: rand(*shape, **kw)
+    pair = lambda r=R, c=C, **kw: (s(r, c, **kw), s(c, r, **kw))
 
     def args(x=None, w=None, b="good", q="good", k=None, v="good"):
         return lambda: (
@@ -549,8 +548,8 @@ def test_bad_qkv_input_gets_a_clear_error(make, kwargs, error, message):
 
 
 def _bad_attention_inputs():
-    s = lambda *shape, **kw: rand(*shape, **kw)  # noqa: E731
-    integer = lambda *shape: torch.ones(*shape, dtype=torch.int64)  # noqa: E731
+    s = lambda *shape, **kw: rand(*shape, **kw)
+    integer = lambda *shape: torch.ones(*shape, dtype=torch.int64)
     return [
         ("w_proj in_features", lambda: (s(C, C + 1), s(C)), {}, ValueError, r"w_proj|in_features"),
         ("w_proj rank", lambda: (s(C), s(C)), {}, ValueError, r"w_proj|weight must have 2 dimensions"),

@@ -6,8 +6,7 @@ import pytest
 import torch
 from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
 
-import kdfast.ops as ops
-from kdfast import reference
+from kdfast import ops, reference
 from kdfast.ops import slot_attention
 
 CASES = implemented_cases(slot_attention._IMPLEMENTED)
@@ -222,7 +221,7 @@ def test_autocast_mixed_dtypes_compute_in_float32():
 def test_gradcheck(device, backend):
     for shape, scale, eps in [((2, 3, 5, 4, 3), None, 1e-8), ((1, 1, 1, 2, 2), 0.9, 1e-8), ((2, 4, 3, 3, 3), 2.0, 0.0)]:
         q, k, v = inputs(*shape, dtype=torch.float64, device=device)
-        fn = lambda q, k, v, scale=scale, eps=eps: ops.slot_attention_core(q, k, v, scale, eps, backend=backend)  # noqa: E731
+        fn = lambda q, k, v, scale=scale, eps=eps: ops.slot_attention_core(q, k, v, scale, eps, backend=backend)
         assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
@@ -297,8 +296,8 @@ B, K, N, D = 2, 3, 5, 8
 
 
 def _bad_inputs():
-    s = lambda *shape, **kw: rand(*shape, **kw)  # noqa: E731
-    good = lambda: (s(B, K, D), s(B, N, D), s(B, N, D))  # noqa: E731
+    s = lambda *shape, **kw: rand(*shape, **kw)
+    good = lambda: (s(B, K, D), s(B, N, D), s(B, N, D))
     return [
         ("q rank", lambda: (s(K, D), s(B, N, D), s(B, N, D)), {}, ValueError, r"q must have 3 dimensions \(B, K, D\)"),
         ("k rank", lambda: (s(B, K, D), s(B, N, D, 1), s(B, N, D)), {}, ValueError, r"k must have 3 dimensions \(B, N, D\)"),
