@@ -456,7 +456,7 @@ def _bad_linear_inputs():
 
     integer = lambda *shape: torch.ones(*shape, dtype=torch.int64)
     return [
-        ("x not a tensor", replace(0, [1.0] * I), {}, ValueError, r"x must be a tensor of shape \(\.\.\., in_features\)"),
+        ("x not a tensor", replace(0, [1.0] * I), {}, TypeError, r"x must be a torch.Tensor of shape \(\.\.\., in_features\)"),
         ("x 0-d", replace(0, lambda: s()), {}, ValueError, r"x must be a tensor of shape \(\.\.\., in_features\)"),
         ("weight rank", replace(1, lambda: s(O, I, 1)), {}, ValueError, r"weight must have 2 dimensions"),
         ("bias rank", replace(2, lambda: s(O, 1)), {}, ValueError, r"bias must have 1 dimensions"),

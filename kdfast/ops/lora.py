@@ -115,8 +115,10 @@ def lora_linear(
 
 
 def _check_linear(x, weight, bias, lora_a, lora_b, prefix: str = "") -> None:
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError(f"{prefix}x must be a tensor of shape (..., in_features), got {getattr(x, 'shape', type(x))}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{prefix}x must be a torch.Tensor of shape (..., in_features), got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{prefix}x must be a tensor of shape (..., in_features), got shape {tuple(x.shape)}")
     if x.dtype not in _validate.FLOAT_DTYPES:
         raise TypeError(f"{prefix}x must be a float16, bfloat16, float32 or float64 tensor, got {x.dtype}")
     _validate.tensor(f"{prefix}weight", weight, "(out_features, in_features)")
