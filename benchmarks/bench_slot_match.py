@@ -147,3 +147,41 @@ def test_slot_match(benchmark, op_name, pass_name, preset, impl):
         bytes=nbytes,
         flops=flops,
     )
+
+
+# The assignment behind matching="hungarian", alone: scipy on the host (the reference path: the similarity is
+# copied to the host, then one linear_sum_assignment per batch element, then the result copied back) against
+# the batched Triton kernel (one program per batch element, no host synchronisation). CUDA only: on CPU
+# tensors scipy is kdfast's path too.
+ASSIGNMENT_IMPLEMENTATIONS = ("eager", "kdfast-triton")
+
+
+def reference_assignment(similarity):
+    return reference.slot_assignment(similarity)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the batched assignment kernel runs on CUDA tensors only")
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("impl", ASSIGNMENT_IMPLEMENTATIONS)
+def test_slot_assignment(benchmark, preset, impl):
+    B, K, _ = PRESETS[preset]
+    fn = reference_assignment if impl == "eager" else functools.partial(kdfast.ops.slot_assignment, backend="triton")
+    # cosines, in float32 as slot_match_loss computes them for the matching whatever the slots' dtype
+    similarity = torch.rand(B, K, K, device=DEVICE) * 2 - 1
+
+    def step():
+        fn(similarity)
+        synchronize()
+
+    measure(
+        benchmark,
+        step,
+        group=f"slot_assignment fwd {preset}",
+        impl=impl,
+        op="slot_assignment",
+        **{"pass": "fwd"},
+        preset=preset,
+        shape=f"B={B} K={K} M={K}",
+        bytes=B * K * K * similarity.element_size() + B * K * 8,
+        flops=0,
+    )

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulator_dtype, block_size, device_guard, empty_output, is_fp64
+from ._launch import POISON, accumulator_dtype, block_size, device_guard, empty_output, is_fp64
 
 MAX_SLOTS = 128  # largest K or M one program handles; the caller falls back above it
 
@@ -441,3 +441,143 @@ def slot_match_loss_backward(
             HAS_ASSIGNMENT=has_assignment, IS_FP64=is_fp64(student.dtype), BLOCK_R=block_r, BLOCK_D=block_d,
         )
     return grad_student
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batched assignment (Hungarian matching for slot_match_loss(matching="hungarian") on the GPU)
+
+MAX_ASSIGNMENT_SLOTS = 64  # largest K or M the assignment kernel handles; the caller falls back to scipy above it
+
+
+@triton.jit
+def _pick(values, offs, index):
+    # values[index] of a register vector, as a scalar
+    return tl.sum(tl.where(offs == index, values, 0), axis=0)
+
+
+@triton.jit
+def _slot_assignment_kernel(
+    sim_ptr, out_ptr,
+    K, M,
+    stride_sb, stride_sk, stride_sm,
+    stride_ob, stride_ok,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # scipy.optimize.linear_sum_assignment(maximize=True) (scipy's rectangular_lsap.cpp: Crouse's shortest
+    # augmenting path, from PM Larsen's implementation) step for step, on cost = -similarity in float64; one
+    # program solves one batch element, K <= M. The scan over scipy's `remaining` columns is a vector
+    # operation here; scipy's scan order (which decides between equal reduced costs) is kept as each
+    # column's position `pos` in that list, updated as scipy's swap-with-last removal updates it.
+    pid = tl.program_id(0).to(tl.int64)
+    sim_ptr += pid * stride_sb
+    out_ptr += pid * stride_ob
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_k = offs_k < K
+    mask_m = offs_m < M
+    inf = float("inf")
+
+    # scipy rejects NaN and -inf costs (similarity NaN or +inf)
+    invalid = tl.zeros([], tl.int32)
+    for k in range(K):
+        row = tl.load(sim_ptr + k * stride_sk + offs_m * stride_sm, mask=mask_m, other=0.0).to(tl.float64)
+        invalid += tl.sum(((row != row) | (row == inf)).to(tl.int32), axis=0)  # noqa: PLR0124 (NaN)
+    failed = (invalid > 0).to(tl.int32)
+
+    u = tl.zeros([BLOCK_K], tl.float64)  # row duals
+    v = tl.zeros([BLOCK_M], tl.float64)  # column duals
+    col4row = tl.full([BLOCK_K], -1, tl.int32)
+    row4col = tl.full([BLOCK_M], -1, tl.int32)
+    for cur_row in range(K):
+        if failed == 0:
+            # augmenting_path(): Dijkstra over the columns from cur_row
+            min_val = tl.zeros([], tl.float64)
+            pos = M - 1 - offs_m  # scipy fills `remaining` in reverse: column j sits at M-1-j
+            num_remaining = M
+            in_sr = offs_k < 0  # rows reached
+            in_sc = offs_m < 0  # columns done
+            spc = tl.full([BLOCK_M], inf, tl.float64)  # shortestPathCosts
+            path = tl.full([BLOCK_M], -1, tl.int32)
+            reached_at = tl.zeros([BLOCK_K], tl.float64)  # spc of the column through which a row was reached
+            i = cur_row
+            sink = tl.full([], -1, tl.int32)
+            while (sink < 0) & (failed == 0):
+                in_sr = in_sr | (offs_k == i)
+                u_i = _pick(u, offs_k, i)
+                cost = -tl.load(sim_ptr + i * stride_sk + offs_m * stride_sm, mask=mask_m, other=0.0).to(tl.float64)
+                remaining = mask_m & ~in_sc
+                reduced = min_val + cost - u_i - v  # scipy's order of operations: ((minVal + c) - u_i) - v_j
+                better = remaining & (reduced < spc)
+                path = tl.where(better, i, path)
+                spc = tl.where(better, reduced, spc)
+                # scipy takes the first column of least cost in scan order, but a later free column of equal
+                # cost replaces it: the last free one if any is free
+                lowest = tl.min(tl.where(remaining, spc, inf), axis=0)
+                least = remaining & (spc == lowest)
+                free = least & (row4col < 0)
+                last_free = tl.max(tl.where(free, pos, -1), axis=0)
+                first = tl.min(tl.where(least, pos, BLOCK_M), axis=0)
+                chosen = tl.where(last_free >= 0, last_free, first)
+                j = tl.sum(tl.where(remaining & (pos == chosen), offs_m, 0), axis=0)
+                min_val = lowest
+                # infeasible (or overflowing) costs: no assignment; never loop forever
+                failed = ((lowest == inf) | (lowest != lowest)).to(tl.int32)  # noqa: PLR0124 (NaN)
+                row_j = _pick(row4col, offs_m, j)
+                sink = tl.where(row_j < 0, j, -1)
+                reached_at = tl.where(offs_k == row_j, lowest, reached_at)
+                i = tl.where(row_j < 0, i, row_j)
+                in_sc = in_sc | (offs_m == j)
+                # remaining[index] = remaining[--num_remaining]
+                num_remaining -= 1
+                pos = tl.where(remaining & (offs_m != j) & (pos == num_remaining), chosen, pos)
+            if failed == 0:
+                # dual update, in scipy's order
+                u = tl.where(offs_k == cur_row, u + min_val, u)
+                u = tl.where(in_sr & (offs_k != cur_row), u + (min_val - reached_at), u)
+                v = tl.where(in_sc, v - (min_val - spc), v)
+                # augment along the path back to cur_row
+                j = sink
+                done = tl.zeros([], tl.int32)
+                while done == 0:
+                    i = _pick(path, offs_m, j)
+                    row4col = tl.where(offs_m == j, i, row4col)
+                    previous = _pick(col4row, offs_k, i)
+                    col4row = tl.where(offs_k == i, j, col4row)
+                    j = previous
+                    done = (i == cur_row).to(tl.int32)
+    # no assignment exists (NaN or +inf similarity, or infeasible): the identity, which keeps any gather in range
+    result = tl.where(failed == 0, col4row, offs_k)
+    tl.store(out_ptr + offs_k * stride_ok, result.to(tl.int64), mask=mask_k)
+
+
+def slot_assignment(similarity) -> torch.Tensor:
+    """For each batch element, the column assigned to each row maximising the total similarity.
+
+    similarity: (B, K, M) floating, K <= M <= MAX_ASSIGNMENT_SLOTS, any strides. Returns (B, K) int64 on its
+    device: exactly scipy.optimize.linear_sum_assignment(similarity[b], maximize=True)'s columns, ties
+    included (the same shortest-augmenting-path steps in the same float64 arithmetic and scan order). A batch
+    element with a NaN or +inf entry (scipy: "invalid numeric entries"), or with no finite assignment, gets the
+    identity pairing i -> i. One program per batch element; no host synchronisation.
+    """
+    B, K, M = similarity.shape
+    if K > M or M > MAX_ASSIGNMENT_SLOTS:
+        raise ValueError(
+            f"kdfast.kernels.slot_match.slot_assignment needs K <= M <= MAX_ASSIGNMENT_SLOTS={MAX_ASSIGNMENT_SLOTS}, "
+            f"got K={K}, M={M}; use scipy (kdfast.reference.slot_assignment) above it"
+        )
+    # poisoned with -1 (an integer output cannot hold NaN): an unwritten entry fails the tests' comparisons
+    out = torch.empty((B, K), dtype=torch.int64, device=similarity.device)
+    if POISON:
+        out.fill_(-1)
+    if out.numel() == 0:
+        return out
+    with device_guard(similarity):
+        _slot_assignment_kernel[(B,)](
+            similarity, out,
+            K, M,
+            similarity.stride(0), similarity.stride(1), similarity.stride(2),
+            out.stride(0), out.stride(1),
+            BLOCK_K=block_size(K, minimum=2), BLOCK_M=block_size(M, minimum=2),
+            num_warps=1, num_stages=1,
+        )
+    return out

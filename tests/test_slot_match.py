@@ -6,8 +6,7 @@ import pytest
 import torch
 from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
 
-import kdfast.ops as ops
-from kdfast import reference
+from kdfast import ops, reference
 from kdfast.nn import SlotMatchLoss
 from kdfast.ops import slot_match
 
@@ -82,6 +81,92 @@ def test_assignment_matches_scipy(device, backend):
     assert assignment.dtype == torch.int64 and assignment.device == similarity.device
     assert torch.equal(assignment, reference.slot_assignment(similarity))
     assert all(len(set(row.tolist())) == 9 for row in assignment)
+
+
+# The batched assignment kernel (CUDA's Hungarian matching) against scipy. Under the Triton interpreter it is slow
+# (a sequential algorithm, one numpy call per step): small batches and K there.
+TRITON_CASES = [c for c in CASES if c.values[1] == "triton"]
+
+
+def _total(similarity: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """Total similarity of each batch element's pairing, in float64."""
+    return similarity.double().gather(2, assignment.unsqueeze(-1)).squeeze(-1).sum(1)
+
+
+def _is_injective(assignment: torch.Tensor, M: int) -> bool:
+    return all(len(set(row)) == len(row) and 0 <= min(row) and max(row) < M for row in assignment.tolist())
+
+
+@pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
+def test_assignment_kernel_matches_scipy(device, backend):
+    """Random continuous similarities (a unique optimum): exactly scipy's pairing, through the kernel's launcher
+    and through the op, square and rectangular, K = 1, K and M not powers of two, strided and float64 input."""
+    from kdfast.kernels.slot_match import slot_assignment as launch
+
+    for B, K, M in [(3, 1, 1), (2, 1, 4), (3, 5, 5), (3, 6, 9), (2, 13, 15)]:
+        similarity = rand(B, K, M, device=device)
+        want = reference.slot_assignment(similarity)
+        got = launch(similarity)
+        assert got.dtype == torch.int64 and got.device == similarity.device
+        assert torch.equal(got, want), f"{(B, K, M)}"
+        assert torch.equal(ops.slot_assignment(similarity, backend="triton"), want)
+    transposed = rand(2, 7, 6, dtype=torch.float64, device=device).transpose(1, 2)  # (2, 6, 7), strided
+    assert torch.equal(launch(transposed), reference.slot_assignment(transposed))
+
+
+@pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
+def test_assignment_kernel_breaks_ties_as_scipy_deterministically(device, backend):
+    """Many exact ties (similarities in {0, 1, 2}): a valid optimum, identical run to run, and scipy's pairing:
+    the kernel takes scipy's steps (rows in order; among columns of equal reduced cost the one scipy's scan
+    keeps, free columns first). A constant matrix gives the identity, as scipy's does."""
+    from kdfast.kernels.slot_match import slot_assignment as launch
+
+    for B, K, M in [(4, 6, 6), (4, 5, 8)]:
+        similarity = torch.randint(0, 3, (B, K, M), device=device).float()
+        got = launch(similarity)
+        assert _is_injective(got, M)
+        scipy = reference.slot_assignment(similarity)
+        assert torch.equal(_total(similarity, got), _total(similarity, scipy))  # an optimum
+        assert torch.equal(launch(similarity.clone()), got)
+        assert torch.equal(got, scipy)
+    constant = torch.full((2, 5, 7), 0.5, device=device)
+    assert launch(constant).tolist() == [list(range(5))] * 2
+
+
+@pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
+def test_assignment_kernel_without_an_optimum_returns_the_identity(device, backend):
+    """NaN or +inf similarity (scipy raises) or no finite pairing: that batch element gets i -> i, the others
+    their optimum; the kernel never hangs and never leaves an index out of range."""
+    from kdfast.kernels.slot_match import slot_assignment as launch
+
+    similarity = rand(4, 4, 5, device=device)
+    similarity[0, 2, 3] = float("nan")
+    similarity[1, 0, 0] = float("inf")
+    similarity[2] = float("-inf")  # every pairing forbidden: infeasible
+    got = launch(similarity)
+    assert got[:3].tolist() == [[0, 1, 2, 3]] * 3
+    assert torch.equal(got[3:], reference.slot_assignment(similarity[3:]))
+
+
+@pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
+def test_assignment_slot_limit_names_the_fallback(device, backend):
+    from kdfast.kernels.slot_match import MAX_ASSIGNMENT_SLOTS
+
+    similarity = rand(1, 2, MAX_ASSIGNMENT_SLOTS + 1, device=device)
+    with pytest.raises(ValueError, match=r"at most \d+ slots.*backend='reference'"):
+        ops.slot_assignment(similarity, backend="triton")
+    if device == "cuda":  # auto takes scipy above the limit
+        assert torch.equal(ops.slot_assignment(similarity), reference.slot_assignment(similarity))
+
+
+def test_assignment_backends():
+    """CPU tensors use scipy unless the Triton interpreter is asked for; bad backends are named."""
+    similarity = rand(2, 3, 4)
+    assert torch.equal(ops.slot_assignment(similarity, backend="reference"), reference.slot_assignment(similarity))
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        ops.slot_assignment(similarity, backend="fast")
+    with pytest.raises(ValueError, match=r"no cpp implementation"):
+        ops.slot_assignment(similarity, backend="cpp")
 
 
 # ------------------------------------------------------------------------------------------- awkward inputs
@@ -169,7 +254,7 @@ def test_gradcheck(device, backend):
     teacher = rand(2, 3, 5, dtype=torch.float64, device=device)
     for matching in ("index", "hungarian"):
         for reduction in ("mean", "none"):
-            fn = lambda s: ops.slot_match_loss(s, teacher, matching, reduction, backend=backend)  # noqa: E731
+            fn = lambda s, matching=matching, reduction=reduction: ops.slot_match_loss(s, teacher, matching, reduction, backend=backend)
             assert torch.autograd.gradcheck(fn, (a,))
 
 
@@ -189,7 +274,8 @@ def test_opcheck(device, backend):
             grad = rand(2, 3, device=device) if reduction == "none" else rand(device=device)
             args = (grad, x, teacher.detach(), match, reduction, 1e-8, backend)
             torch.library.opcheck(kd.slot_match_loss_backward.default, args)
-    torch.library.opcheck(kd.slot_assignment.default, (rand(2, 3, 4, device=device),))
+    assign_backend = backend if backend in slot_match._ASSIGNMENT_IMPLEMENTED else "reference"
+    torch.library.opcheck(kd.slot_assignment.default, (rand(2, 3, 4, device=device), assign_backend))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -223,7 +309,7 @@ GOOD = (3, 4, 8)
 
 
 def _bad_inputs():
-    s = lambda *shape, **kw: rand(*shape, **kw)  # noqa: E731
+    s = lambda *shape, **kw: rand(*shape, **kw)
     return [
         ("student rank", lambda: (s(3, 4), s(*GOOD)), {}, ValueError, r"student must have 3 dimensions \(B, K, D\)"),
         ("teacher rank", lambda: (s(*GOOD), s(3, 4, 8, 1)), {}, ValueError, r"teacher must have 3 dimensions"),

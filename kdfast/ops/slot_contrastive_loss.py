@@ -1,11 +1,19 @@
 """SlotContrast's slot-slot contrastive loss between consecutive frames (design.md 3.2).
 
-    kdfast::slot_contrastive_loss(slots, temperature, batch_contrast, reduction, backend) -> loss
+    kdfast::slot_contrastive_loss(slots, temperature, batch_contrast, reduction, backend)                 -> loss
+    kdfast::slot_contrastive_loss_backward(grad, slots, temperature, batch_contrast, reduction, backend) -> grad
 
-Backends: reference (the fused flash-style kernels land with the contrastive loss issue).
+Backends: ``triton`` (kdfast.kernels.slot_contrastive_loss: flash-style, the S x S logits never reach memory),
+``cpp`` (csrc/cpu/slot_contrastive_loss.cpp), ``reference``. The kernels' forward also returns the per-column
+log-sum-exp, which is all their backward needs besides the slots. Eager calls take an autograd.Function that
+saves it (one kernel each way; on CPU a mean or sum computes its gradient in the forward's pass, see
+_SlotContrastiveLoss); the custom op's backward, which torch.compile calls, only has the op's inputs, so it
+recomputes the log-sum-exp with the forward kernel first (two kernels backward).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import Tensor
@@ -14,17 +22,84 @@ from kdfast import _backend, reference
 from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced, reference_vjp
 
-_IMPLEMENTED = ("reference",)
+_IMPLEMENTED = ("triton", "cpp", "reference")
 REDUCTIONS = ("mean", "sum", "none")
+# F.normalize's default, as SlotContrast normalises its slots.
+EPS = reference.CONTRASTIVE_NORMALIZE_EPS
 
 
-@torch.library.custom_op("kdfast::slot_contrastive_loss", mutates_args=())
-def _slot_contrastive_loss(slots: Tensor, temperature: float, batch_contrast: bool, reduction: str, backend: str) -> Tensor:
-    return _reference_loss(slots, temperature, batch_contrast, reduction, backend).contiguous()
+def _kernels():
+    return importlib.import_module("kdfast.kernels.slot_contrastive_loss")
+
+
+# Resolved when torch.compile traces (like _backend.resolve): the kernel module's import stays out of the graph.
+@torch.compiler.assume_constant_result
+def _within_triton_limit(backend: str, requested: str | None, device_type: str, D: int) -> str:
+    """Triton tiles hold at most ``MAX_DIM`` features per slot; above that, name the fallback (or take it)."""
+    if backend != "triton":
+        return backend
+    limit = _kernels().MAX_DIM
+    if D <= limit:
+        return backend
+    fallback = "cpp" if device_type == "cpu" else "reference"
+    if requested == "triton":
+        raise ValueError(
+            f"kdfast.slot_contrastive_loss: the triton backend handles slots of at most {limit} features, got D={D}; "
+            f"use backend={fallback!r}"
+        )
+    return fallback
 
 
 def _reference_loss(slots, temperature, batch_contrast, reduction, backend):
     return reference.slot_contrastive_loss(slots, temperature, batch_contrast, reduction)
+
+
+def _reduce(losses: Tensor, slots: Tensor, batch_contrast: bool, reduction: str) -> Tensor:
+    """The kernels' (T-1, B*K) terms, reduced as the reference does, in the slots' dtype."""
+    if reduction == "mean":
+        # one reduction kernel; an empty set of terms (T == 1) has mean 0
+        losses = losses.mean() if losses.numel() else losses.sum()
+    elif reduction == "sum":
+        losses = losses.sum()
+    elif not batch_contrast:
+        B, _, K, _ = slots.shape
+        losses = losses.view(losses.shape[0], B, K)
+    return losses if losses.dtype == slots.dtype else losses.to(slots.dtype)
+
+
+def _kernel_forward(slots: Tensor, temperature: float, batch_contrast: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(losses, lse): the per-term losses and per-column log-sum-exp, (T-1, B*K) in the accumulator dtype."""
+    if backend == "triton":
+        return _kernels().slot_contrastive_loss_forward(slots, temperature, batch_contrast, EPS)
+    return torch.ops.kdfast._slot_contrastive_loss_forward(slots, temperature, batch_contrast, EPS)
+
+
+def _kernel_backward(
+    grad: Tensor, slots: Tensor, lse: Tensor, temperature: float, batch_contrast: bool, reduction: str, backend: str
+) -> Tensor:
+    B, T, K, _ = slots.shape
+    if reduction == "none":
+        # (T-1, B*K) or (T-1, B, K), any strides: a view as (T-1, B, K) (splitting a dimension needs no copy)
+        grad_losses, grad_scale = grad.view(T - 1, B, K), 1.0
+    else:
+        # Mean and sum reach every term with the same gradient: expand (no copy) and scale inside the kernel.
+        grad_losses = grad.expand(T - 1, B, K)
+        grad_scale = 1.0 / max((T - 1) * B * K, 1) if reduction == "mean" else 1.0
+    if backend == "triton":
+        return _kernels().slot_contrastive_loss_backward(
+            grad_losses, slots, lse, temperature, batch_contrast, EPS, grad_scale
+        )
+    return torch.ops.kdfast._slot_contrastive_loss_backward(
+        grad_losses, slots, lse, temperature, batch_contrast, EPS, grad_scale
+    )
+
+
+@torch.library.custom_op("kdfast::slot_contrastive_loss", mutates_args=())
+def _slot_contrastive_loss(slots: Tensor, temperature: float, batch_contrast: bool, reduction: str, backend: str) -> Tensor:
+    if backend == "reference":
+        return _reference_loss(slots, temperature, batch_contrast, reduction, backend).contiguous()
+    losses, _ = _kernel_forward(slots, temperature, batch_contrast, backend)
+    return _reduce(losses, slots, batch_contrast, reduction).contiguous()
 
 
 @_slot_contrastive_loss.register_fake
@@ -39,8 +114,12 @@ def _(slots, temperature, batch_contrast, reduction, backend):
 def _slot_contrastive_loss_backward(
     grad: Tensor, slots: Tensor, temperature: float, batch_contrast: bool, reduction: str, backend: str
 ) -> Tensor:
-    args = (temperature, batch_contrast, reduction)
-    return reference_vjp(reference.slot_contrastive_loss, (slots,), (grad,), *args)[0]
+    if backend == "reference":
+        args = (temperature, batch_contrast, reduction)
+        return reference_vjp(reference.slot_contrastive_loss, (slots,), (grad,), *args)[0]
+    # Only the op's inputs reach here: the log-sum-exp is recomputed by the forward kernel.
+    _, lse = _kernel_forward(slots, temperature, batch_contrast, backend)
+    return _kernel_backward(grad, slots, lse, temperature, batch_contrast, reduction, backend)
 
 
 @_slot_contrastive_loss_backward.register_fake
@@ -62,6 +141,47 @@ def _backward(ctx, grad):
 _slot_contrastive_loss.register_autograd(_backward, setup_context=_setup)
 
 
+class _SlotContrastiveLoss(torch.autograd.Function):
+    """The eager path of the kernel backends, in one of two ways.
+
+    ``fused`` (cpp, a mean or sum, a gradient wanted): the upstream gradient of a scalar loss is a constant, so
+    the forward computes the gradient of the summed terms in the same pass over the logits tiles, and the
+    backward only scales it: the logits are formed once. Else the forward saves its log-sum-exp and the
+    backward recomputes the logits tile by tile (one kernel each way).
+    """
+
+    @staticmethod
+    def forward(ctx, slots, temperature, batch_contrast, reduction, backend, fused):
+        ctx.temperature, ctx.batch_contrast, ctx.reduction, ctx.backend = temperature, batch_contrast, reduction, backend
+        ctx.fused = fused
+        if fused:
+            losses, _, grad = torch.ops.kdfast._slot_contrastive_loss_forward_backward(
+                slots, temperature, batch_contrast, EPS
+            )
+            ctx.save_for_backward(grad)
+            ctx.dtype, ctx.count = slots.dtype, losses.numel()
+        else:
+            losses, lse = _kernel_forward(slots, temperature, batch_contrast, backend)
+            ctx.save_for_backward(slots, lse)
+        return _reduce(losses, slots, batch_contrast, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if ctx.fused:
+            (grad_sum,) = ctx.saved_tensors
+            scale = 1.0 / max(ctx.count, 1) if ctx.reduction == "mean" else 1.0
+            return (grad_sum * (grad * scale)).to(ctx.dtype), None, None, None, None, None
+        slots, lse = ctx.saved_tensors
+        args = (ctx.temperature, ctx.batch_contrast, ctx.reduction, ctx.backend)
+        return _kernel_backward(grad, slots, lse, *args), None, None, None, None, None
+
+
+def _eager_loss(slots, temperature, batch_contrast, reduction, backend):
+    fused = backend == "cpp" and reduction != "none" and slots.requires_grad and torch.is_grad_enabled()
+    return _SlotContrastiveLoss.apply(slots, temperature, batch_contrast, reduction, backend, fused)
+
+
 def slot_contrastive_loss(
     slots: Tensor,
     temperature: float = 0.1,
@@ -73,16 +193,24 @@ def slot_contrastive_loss(
     """SlotContrast's InfoNCE between the slots of consecutive frames.
 
     For each pair (t, t+1), with S = B*K slots pooled over the batch (``batch_contrast``) or S = K per batch
-    element: ``logits[i, j] = <s_t^i, s_{t+1}^j> / temperature`` on L2-normalised slots, and the loss is the
-    mean over (t, j) of ``-log softmax_i(logits[:, j])[j]``. T == 1 has no pairs: the loss is 0 with a zero
-    gradient.
+    element: ``logits[i, j] = <s_t^i, s_{t+1}^j> / temperature`` on L2-normalised slots
+    (``F.normalize``: ``s / max(||s||, 1e-12)``), and the loss is the mean over (t, j) of
+    ``-log softmax_i(logits[:, j])[j]``. T == 1 has no pairs: the loss is 0 (``mean``, ``sum``; an empty
+    tensor for ``none``) with a zero gradient.
+
+    The kernel backends never form the S x S logits in memory (an online log-sum-exp over tiles of i); they
+    accumulate in float32 (float64 for float64 slots) and are deterministic.
 
     Args:
         slots: (B, T, K, D) float16, bfloat16, float32 or float64.
         temperature: finite and positive.
         batch_contrast: pool the slots of the whole batch as negatives (SlotContrast's default).
         reduction: ``mean``, ``sum``, or ``none`` ((T-1, B*K) with batch_contrast, else (T-1, B, K)).
-        backend: ``auto`` or ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
+        backend: ``auto``, ``triton``, ``cpp`` or ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
+            Triton handles D up to ``kdfast.kernels.slot_contrastive_loss.MAX_DIM`` (512).
+
+    Returns:
+        The loss in the slots' dtype. Differentiable in ``slots``.
     """
     _validate.tensor("slots", slots, "(B, T, K, D)")
     _validate.nonempty("slots", slots, "(B, T, K, D)")
@@ -90,8 +218,8 @@ def slot_contrastive_loss(
     _validate.choice("reduction", reduction, REDUCTIONS)
     if not isinstance(batch_contrast, bool):
         raise TypeError(f"batch_contrast must be a bool, got {type(batch_contrast).__name__}")
-    chosen = _backend.resolve(
-        "slot_contrastive_loss", "_slot_contrastive_loss_forward", backend, slots.device.type, _IMPLEMENTED
-    )
-    args = (slots, temperature, batch_contrast, reduction, chosen)
-    return eager_or_traced(_reference_loss, _slot_contrastive_loss, *args)
+    device_type = slots.device.type
+    chosen = _backend.resolve("slot_contrastive_loss", "_slot_contrastive_loss_forward", backend, device_type, _IMPLEMENTED)
+    chosen = _within_triton_limit(chosen, backend, device_type, slots.shape[3])
+    eager = _reference_loss if chosen == "reference" else _eager_loss
+    return eager_or_traced(eager, _slot_contrastive_loss, slots, temperature, batch_contrast, reduction, chosen)

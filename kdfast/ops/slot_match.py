@@ -4,7 +4,7 @@ Public functions validate their inputs, pick a backend and call one custom op in
 
     kdfast::slot_cosine_similarity(a, b, eps, backend)                    -> (B, K, M)
     kdfast::slot_match_loss(student, teacher, assignment, reduction, eps, backend) -> scalar or (B, K)
-    kdfast::slot_assignment(similarity)                                   -> (B, K) int64
+    kdfast::slot_assignment(similarity, backend)                          -> (B, K) int64
 
 Each differentiable op has a fake implementation and an autograd formula whose backward is itself a custom op
 (``..._backward``), so torch.compile(fullgraph=True) traces through them. Eager calls take an
@@ -24,6 +24,8 @@ from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced, reference_vjp
 
 _IMPLEMENTED = ("triton", "cpp", "reference")
+# The assignment: scipy (the reference) on CPU tensors, a batched Triton kernel on CUDA tensors.
+_ASSIGNMENT_IMPLEMENTED = ("triton", "reference")
 MATCHINGS = ("index", "hungarian")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -143,31 +145,62 @@ def slot_cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8, *, backend: 
 # kdfast::slot_assignment
 
 
-@torch.library.custom_op("kdfast::slot_assignment", mutates_args=())
-def _slot_assignment(similarity: Tensor) -> Tensor:
+def _assign(similarity: Tensor, backend: str) -> Tensor:
+    if backend == "triton":
+        return _kernels().slot_assignment(similarity)
     return reference.slot_assignment(similarity)
 
 
+@torch.library.custom_op("kdfast::slot_assignment", mutates_args=())
+def _slot_assignment(similarity: Tensor, backend: str) -> Tensor:
+    return _assign(similarity, backend)
+
+
 @_slot_assignment.register_fake
-def _(similarity):
+def _(similarity, backend):
     return similarity.new_empty(similarity.shape[:2], dtype=torch.long)
 
 
-def slot_assignment(similarity: Tensor) -> Tensor:
+# Resolved when torch.compile traces (like _backend.resolve): the kernel module's import stays out of the graph.
+@torch.compiler.assume_constant_result
+def _assignment_backend(requested: str | None, device_type: str, K: int, M: int) -> str:
+    chosen = _backend.resolve("slot_assignment", "_slot_assignment", requested, device_type, _ASSIGNMENT_IMPLEMENTED)
+    if chosen != "triton":
+        return chosen
+    limit = _kernels().MAX_ASSIGNMENT_SLOTS
+    if max(K, M) <= limit:
+        return chosen
+    if requested == "triton":
+        raise ValueError(
+            f"kdfast.slot_assignment: the triton backend handles at most {limit} slots per side, got K={K}, M={M}; "
+            "use backend='reference' (scipy)"
+        )
+    return "reference"
+
+
+def slot_assignment(similarity: Tensor, *, backend: str | None = None) -> Tensor:
     """Hungarian matching: for each batch element, the column assigned to each row maximising the total.
 
     Args:
         similarity: (B, K, M) float tensor with K <= M, finite.
+        backend: ``auto`` (CUDA tensors: the batched Triton kernel when K, M <= 64, else scipy; CPU tensors:
+            scipy), ``triton`` or ``reference`` (scipy). None: ``KDFAST_BACKEND``, default ``auto``.
 
     Returns:
         (B, K) int64 on ``similarity``'s device: row i is matched with column ``out[b, i]``; distinct columns.
-        Exact (scipy.optimize.linear_sum_assignment, deterministic tie-breaking); no gradient.
+        Exactly scipy.optimize.linear_sum_assignment(maximize=True)'s assignment on every backend, ties
+        included: the Triton kernel runs scipy's shortest-augmenting-path algorithm step for step in float64
+        (rows in order; among columns of equal reduced cost, scipy's scan order with free columns preferred;
+        a constant matrix gives the identity). It needs no device-to-host copy. No gradient.
+        Non-finite similarity: scipy raises a ValueError; the Triton kernel, which cannot raise without a host
+        synchronisation, returns the identity pairing for that batch element.
     """
     _validate.tensor("similarity", similarity, "(B, K, M)")
     _validate.nonempty("similarity", similarity, "(B, K, M)")
     if similarity.shape[1] > similarity.shape[2]:
         raise ValueError(f"similarity (B, K, M) needs K <= M to give every row a column, got {tuple(similarity.shape)}")
-    return _slot_assignment(similarity.detach())
+    chosen = _assignment_backend(backend, similarity.device.type, similarity.shape[1], similarity.shape[2])
+    return eager_or_traced(_assign, _slot_assignment, similarity.detach(), chosen)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,7 +316,8 @@ def slot_match_loss(
         student: (B, K, D) float16, bfloat16, float32 or float64.
         teacher: (B, M, D) on the same device. It gets no gradient. ``index`` needs M == K; ``hungarian`` K <= M.
         matching: ``index`` pairs slot i with teacher slot i; ``hungarian`` pairs the slots so that the total
-            cosine per batch element is maximal (kdfast.ops.slot_assignment; no gradient through the pairing).
+            cosine per batch element is maximal (kdfast.ops.slot_assignment; no gradient through the pairing). On
+            CUDA tensors the pairing is the batched Triton kernel (no device-to-host copy), else scipy.
         reduction: ``mean`` (over B*K pairs) or ``sum``: a scalar; ``none``: per-slot losses (B, K).
         eps: norm clamp, finite and positive: zero vectors have cosine 0.
         backend: ``auto``, ``triton``, ``cpp``, ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
@@ -313,8 +347,18 @@ def slot_match_loss(
         with torch.no_grad():
             student_wide, teacher_wide = _validate.cast(wide, student, teacher)
             similarity = eager_or_traced(_cosine_forward, _slot_cosine_similarity, student_wide, teacher_wide, eps, chosen)
-            assignment = eager_or_traced(reference.slot_assignment, _slot_assignment, similarity)
+            assign = _loss_assignment_backend(chosen, device_type, K, M)
+            assignment = eager_or_traced(_assign, _slot_assignment, similarity, assign)
     return eager_or_traced(_SlotMatchLoss, _slot_match_loss, student, teacher, assignment, reduction, eps, chosen)
+
+
+@torch.compiler.assume_constant_result
+def _loss_assignment_backend(chosen: str, device_type: str, K: int, M: int) -> str:
+    """How slot_match_loss(matching="hungarian") pairs slots: on CUDA tensors the batched Triton kernel (no
+    device-to-host copy), unless the reference was asked for or the slots exceed its limit; else scipy."""
+    if device_type != "cuda" or chosen == "reference" or _backend.triton_error() is not None:
+        return "reference"
+    return "triton" if max(K, M) <= _kernels().MAX_ASSIGNMENT_SLOTS else "reference"
 
 
 def _check_slots(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
