@@ -34,14 +34,14 @@ def _extension_args():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
-    kwargs = dict(
-        name="kdfast._C",
-        sources=sources + (cuda_sources if with_cuda else []),
-        include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]} if with_cuda else {"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
-        define_macros=[("KDFAST_WITH_CUDA", "1")] if with_cuda else [],
-    )
+    kwargs = {
+        "name": "kdfast._C",
+        "sources": sources + (cuda_sources if with_cuda else []),
+        "include_dirs": [os.path.abspath("csrc")],
+        "extra_compile_args": {"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]} if with_cuda else {"cxx": cxx_flags},
+        "extra_link_args": ["-fopenmp"],
+        "define_macros": [("KDFAST_WITH_CUDA", "1")] if with_cuda else [],
+    }
     extension = (cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension)(**kwargs)
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):

@@ -83,7 +83,7 @@ def run_suites(files: list[Path], args: argparse.Namespace) -> tuple[dict | None
         if args.keyword:
             command += ["-k", args.keyword]
         print("$", shlex.join(command), flush=True)
-        returncode = subprocess.run(command, cwd=REPO, env=env).returncode
+        returncode = subprocess.run(command, check=False, cwd=REPO, env=env).returncode
         data = json.loads(json_path.read_text()) if json_path.exists() else None
     return data, returncode
 
@@ -111,7 +111,7 @@ def copy_bandwidth_ceiling(nbytes: int = 1 << 30, runs: int = 10) -> float:
 def git_commit() -> str:
     """The commit measured, with "-dirty" when the tree differs from it (results files do not count)."""
     def git(*arguments):
-        return subprocess.run(["git", *arguments], cwd=REPO, capture_output=True, text=True)
+        return subprocess.run(["git", *arguments], check=False, cwd=REPO, capture_output=True, text=True)
 
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:

@@ -21,8 +21,7 @@ C classes, F features, r LoRA rank. ``<x, y>`` is the dot product over the last 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,19 +29,19 @@ import torch.nn.functional as F
 __all__ = [
     "CONTRASTIVE_NORMALIZE_EPS",
     "LAYER_NORM_EPS",
-    "slot_cosine_similarity",
+    "gini_impurity",
+    "gini_kl",
+    "lora_attention",
+    "lora_linear",
+    "lora_qkv",
     "slot_assignment",
-    "slot_match_loss",
-    "slot_contrastive_loss",
+    "slot_attention",
     "slot_attention_core",
     "slot_attention_core_backward",
     "slot_attention_step",
-    "slot_attention",
-    "lora_linear",
-    "lora_qkv",
-    "lora_attention",
-    "gini_kl",
-    "gini_impurity",
+    "slot_contrastive_loss",
+    "slot_cosine_similarity",
+    "slot_match_loss",
 ]
 
 #: eps of the slot normalisation in :func:`slot_contrastive_loss`. SlotContrast normalises with
@@ -63,7 +62,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _out_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+def _out_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """Promoted dtype of the given (non-None) tensors: the dtype results are cast back to."""
     dtype = None
     for t in tensors:
@@ -73,7 +72,7 @@ def _out_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def _up(x: Optional[torch.Tensor], acc: torch.dtype) -> Optional[torch.Tensor]:
+def _up(x: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor | None:
     """``x`` in the accumulation dtype (a no-op when it already is; None stays None)."""
     return None if x is None else x.to(acc)
 
@@ -262,9 +261,9 @@ def slot_attention_core(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     eps: float = 1e-8,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Slot-attention core: softmax over the slots, then a weighted mean over the inputs.
 
     Per batch element, with s = ``scale`` (default :math:`D^{-1/2}`) and e = ``eps``:
@@ -302,13 +301,13 @@ def slot_attention_core(
 
 def slot_attention_core_backward(
     grad_updates: torch.Tensor,
-    grad_attn: Optional[torch.Tensor],
+    grad_attn: torch.Tensor | None,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     eps: float = 1e-8,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Explicit backward of :func:`slot_attention_core` (design 3.1), written from the formulas.
 
     Recomputes A, W, Z, U from q, k, v (no autograd). With G = dLoss/dU and GA = dLoss/dA
@@ -359,8 +358,8 @@ def _gru_cell(
     h: torch.Tensor,
     w_ih: torch.Tensor,
     w_hh: torch.Tensor,
-    b_ih: Optional[torch.Tensor],
-    b_hh: Optional[torch.Tensor],
+    b_ih: torch.Tensor | None,
+    b_hh: torch.Tensor | None,
 ) -> torch.Tensor:
     r"""``nn.GRUCell`` written out (gate order r, z, n as in PyTorch's weight layout):
 
@@ -421,10 +420,10 @@ def slot_attention_step(
     k: torch.Tensor,
     v: torch.Tensor,
     params: Mapping,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     eps: float = 1e-8,
     gru_hidden: str = "normed",
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One slot-attention iteration, ``SlotAttention.step`` of videosaur / SlotContrast.
 
     .. math::
@@ -477,11 +476,11 @@ def slot_attention(
     v: torch.Tensor,
     params: Mapping,
     n_iters: int = 3,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     eps: float = 1e-8,
     gru_hidden: str = "normed",
     grad_last_only: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``n_iters`` iterations of :func:`slot_attention_step` (videosaur ``SlotAttention.forward``
     after the k/v projection).
 
@@ -531,11 +530,11 @@ def slot_attention(
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    lora_a: Optional[torch.Tensor],
-    lora_b: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
     scale: float,
-    dropout_mask: Optional[torch.Tensor] = None,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Linear layer with a LoRA adapter (PEFT semantics).
 
@@ -570,13 +569,13 @@ def lora_linear(
 def lora_qkv(
     x: torch.Tensor,
     w_qkv: torch.Tensor,
-    b_qkv: Optional[torch.Tensor],
-    lora_q: Optional[Sequence[torch.Tensor]],
-    lora_k: Optional[Sequence[torch.Tensor]],
-    lora_v: Optional[Sequence[torch.Tensor]],
+    b_qkv: torch.Tensor | None,
+    lora_q: Sequence[torch.Tensor] | None,
+    lora_k: Sequence[torch.Tensor] | None,
+    lora_v: Sequence[torch.Tensor] | None,
     scale: float,
     num_heads: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""WeCoLoRA's per-slice LoRA on a fused qkv Linear, split into heads.
 
     .. math::
@@ -620,13 +619,13 @@ def lora_qkv(
 def lora_attention(
     x: torch.Tensor,
     w_qkv: torch.Tensor,
-    b_qkv: Optional[torch.Tensor],
-    lora_q: Optional[Sequence[torch.Tensor]],
-    lora_k: Optional[Sequence[torch.Tensor]],
-    lora_v: Optional[Sequence[torch.Tensor]],
+    b_qkv: torch.Tensor | None,
+    lora_q: Sequence[torch.Tensor] | None,
+    lora_k: Sequence[torch.Tensor] | None,
+    lora_v: Sequence[torch.Tensor] | None,
     w_proj: torch.Tensor,
-    b_proj: Optional[torch.Tensor],
-    lora_proj: Optional[Sequence[torch.Tensor]],
+    b_proj: torch.Tensor | None,
+    lora_proj: Sequence[torch.Tensor] | None,
     scale: float,
     num_heads: int,
 ) -> torch.Tensor:
@@ -681,7 +680,7 @@ def gini_kl(
     num_classes: int,
     target: str = "batch",
     delta: float = 1e-10,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Gini and KL terms of the discriminability-enforcing loss (design 3.4).
 
     .. math::
@@ -788,3 +787,91 @@ def gini_kl_backward(
         return (torch.sign(a) * dm).to(out)
     spatial = a[0, 0].numel()
     return (torch.sign(a) * (dm / spatial)[:, :, None, None]).to(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# gini_kl in two stages: batch statistics (sums over the batch, so they add up across data-parallel ranks), then
+# the finish on the (C, F) table. ``gini_kl_from_statistics(*gini_kl_statistics(a, y, C))`` is ``gini_kl(a, y, C)``
+# with the finish in float64.
+# ----------------------------------------------------------------------------------------------
+
+
+def gini_kl_statistics(
+    activations: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The statistics of :func:`gini_kl`: ``class_sums[c, f] = sum_{b: y_b = c} m[b, f]`` (m the spatially
+    pooled ``|a|``) in the accumulation dtype, and ``counts[c] = n_c`` (int64)."""
+    acc = _acc_dtype(activations.dtype)
+    a = _up(activations, acc)
+    m = a.abs() if a.dim() == 2 else a.abs().flatten(2).mean(-1)  # (B, F)
+    counts = torch.bincount(labels, minlength=num_classes)
+    class_sums = torch.zeros(num_classes, a.shape[1], dtype=acc, device=a.device).index_add(0, labels, m)
+    return class_sums, counts
+
+
+def gini_kl_statistics_backward(
+    grad_class_sums: torch.Tensor, activations: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    r"""``da[b, f, h, w] = sign(a[b, f, h, w]) grad_class_sums[y_b, f] / (H W)``, laid out like
+    ``torch.empty_like(activations)``."""
+    acc = _acc_dtype(activations.dtype)
+    a = _up(activations, acc)
+    dm = grad_class_sums.to(acc)[labels]  # (B, F)
+    if a.dim() == 4:
+        dm = (dm / a[0, 0].numel())[:, :, None, None]
+    return torch.empty_like(activations).copy_(torch.sign(a) * dm)
+
+
+def _gini_kl_table(class_sums: torch.Tensor, counts: torch.Tensor, target: str, delta: float):
+    """p (F, C), Z (F, 1), P (C,) and t (C,) of :func:`gini_kl`, in float64. Classes with count 0 are absent:
+    their rows of class_sums are taken as 0 (gini_kl_statistics leaves them 0)."""
+    epi = torch.float64
+    n = counts.to(epi)
+    sums = torch.where((counts > 0).unsqueeze(1), class_sums.to(epi), torch.zeros((), dtype=epi, device=class_sums.device))
+    S = (sums / (n + delta).unsqueeze(1)).t()  # (F, C)
+    Z = S.sum(dim=1, keepdim=True) + delta
+    p = S / Z
+    C = class_sums.shape[0]
+    t = n / n.sum() if target == "batch" else torch.full((C,), 1.0 / C, dtype=epi, device=class_sums.device)
+    return p, Z, p.sum(dim=0), t
+
+
+def gini_kl_from_statistics(
+    class_sums: torch.Tensor, counts: torch.Tensor, target: str = "batch", delta: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(gini, kl)`` of :func:`gini_kl` from its statistics, computed in float64, returned in class_sums' dtype.
+    The batch size is ``counts.sum()``; classes with count 0 are absent (their rows are ignored)."""
+    p, _, P, t = _gini_kl_table(class_sums, counts, target, delta)
+    gini = (1.0 - (p * p).sum(dim=1)).mean()
+    q = (P + delta) / P.sum()
+    kl = (torch.xlogy(t, t) - torch.xlogy(t, q)).sum()
+    return gini.to(class_sums.dtype), kl.to(class_sums.dtype)
+
+
+def gini_kl_from_statistics_backward(
+    grad_gini: torch.Tensor,
+    grad_kl: torch.Tensor,
+    class_sums: torch.Tensor,
+    counts: torch.Tensor,
+    target: str = "batch",
+    delta: float = 1e-10,
+) -> torch.Tensor:
+    r"""Gradient of ``grad_gini * gini + grad_kl * kl`` with respect to class_sums: the closed form of
+    :func:`gini_kl_backward` before the gather over the labels, ``dS[f, c] / (n_c + delta)``. Rows of classes with
+    ``n_c = 0`` are 0 (no sample reads them). Float64 inside; returned in class_sums' dtype."""
+    p, Z, P, t = _gini_kl_table(class_sums, counts, target, delta)
+    g_gini, g_kl = grad_gini.to(torch.float64), grad_kl.to(torch.float64)
+    present = counts > 0
+    h = -2.0 * g_gini * p / p.shape[0] - g_kl * t / (P + delta)
+    h = torch.where(present, h, torch.zeros_like(h))
+    dS = (h - (h * p).sum(dim=1, keepdim=True)) / Z + g_kl * (t.sum() / P.sum()) * delta / (Z * Z)
+    grad = torch.where(present, dS / (counts.to(torch.float64) + delta), torch.zeros_like(dS)).t()
+    return grad.to(class_sums.dtype).contiguous()
+
+
+__all__ += [
+    "gini_kl_from_statistics",
+    "gini_kl_from_statistics_backward",
+    "gini_kl_statistics",
+    "gini_kl_statistics_backward",
+]

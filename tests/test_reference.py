@@ -217,7 +217,7 @@ def test_match_loss_zero_student_slot_is_finite():
 
 def naive_contrastive_terms(slots, temperature, batch_contrast):
     """Per-(t, j) terms with loops; (T-1, B*K) pooled or (T-1, B, K)."""
-    B, T, K, D = slots.shape
+    B, T, K, _D = slots.shape
 
     def unit(x):
         n = math.sqrt(sum(float(e) ** 2 for e in x))
@@ -330,7 +330,7 @@ def test_contrastive_low_precision_dtype():
 
 
 def naive_core(q, k, v, scale, eps):
-    B, K, D = q.shape
+    B, K, _D = q.shape
     N, Dv = k.shape[1], v.shape[2]
     U = torch.zeros(B, K, Dv, dtype=DT)
     A = torch.zeros(B, K, N, dtype=DT)
@@ -549,7 +549,7 @@ def test_slot_attention_low_precision_dtype():
     params = dict(m.state_dict())
     g = torch.Generator().manual_seed(58)
     slots, k, v = rnd(2, 4, 6, gen=g), rnd(2, 9, 6, gen=g), rnd(2, 9, 6, gen=g)
-    ref, ref_a = R.slot_attention(slots, k, v, params, n_iters=2)
+    ref, _ref_a = R.slot_attention(slots, k, v, params, n_iters=2)
     p32 = {n: t.float() for n, t in params.items()}
     s, a = R.slot_attention(slots.bfloat16(), k.bfloat16(), v.bfloat16(), p32, n_iters=2)
     assert s.dtype == torch.bfloat16 and a.dtype == torch.bfloat16
@@ -652,7 +652,7 @@ class EagerLoRAAttention(nn.Module):
 
 @pytest.mark.parametrize("proj_lora", [True, False])
 def test_lora_attention_vs_eager(proj_lora):
-    x, w, b, lq, lk, lv, wp, bp, lp = make_lora_args(seed=63)
+    x, w, b, lq, _lk, lv, wp, bp, lp = make_lora_args(seed=63)
     lp = lp if proj_lora else None
     ref = EagerLoRAAttention(w, b, lq, None, lv, wp, bp, lp, 0.8, 3)(x)
     out = R.lora_attention(x, w, b, lq, None, lv, wp, bp, lp, 0.8, 3)
@@ -728,7 +728,7 @@ def test_gini_kl_gradient_finite_with_absent_classes_and_gradcheck():
     ga, = torch.autograd.grad(gini + kl, a)
     assert torch.isfinite(ga).all() and ga.abs().sum() > 0
     for target in ("batch", "uniform"):
-        assert torch.autograd.gradcheck(lambda x: R.gini_kl(x, labels, 5, target), (a,))
+        assert torch.autograd.gradcheck(lambda x, target=target: R.gini_kl(x, labels, 5, target), (a,))
 
 
 def test_gini_kl_low_precision_dtype():

@@ -1,5 +1,7 @@
 """Drop-in modules built on kdfast.ops."""
 
+from kdfast.nn.gini_kl import GiniKLLoss
+from kdfast.nn.slot_contrastive_loss import SlotContrastLoss
 from kdfast.nn.slot_match import SlotMatchLoss
 
-__all__ = ["SlotMatchLoss"]
+__all__ = ["GiniKLLoss", "SlotContrastLoss", "SlotMatchLoss"]

@@ -5,14 +5,17 @@ Every function validates its inputs, picks a backend (``backend=`` argument, els
 an autograd formula, so the ops work under autograd and torch.compile(fullgraph=True).
 """
 
-from kdfast.ops.gini_kl import gini_kl
+from kdfast.ops.gini_kl import gini_impurity, gini_kl, gini_kl_from_statistics, gini_kl_statistics
 from kdfast.ops.lora import lora_attention, lora_linear, lora_qkv
 from kdfast.ops.slot_attention import slot_attention_core
 from kdfast.ops.slot_contrastive_loss import slot_contrastive_loss
 from kdfast.ops.slot_match import slot_assignment, slot_cosine_similarity, slot_match_loss
 
 __all__ = [
+    "gini_impurity",
     "gini_kl",
+    "gini_kl_from_statistics",
+    "gini_kl_statistics",
     "lora_attention",
     "lora_linear",
     "lora_qkv",
