@@ -105,40 +105,63 @@ void transpose_tile(const T* x, int64_t D, int64_t n0, int64_t tn, T* xt) {
   }
 }
 
-// out[i, t] = scale * sum_d a[i, d] * bt[d, t] for i < K, t < kTile: a row of a times a transposed tile.
+// out[r, c] = (out[r, c] if accumulate else 0) + sum_{s < S} a[r * ar + s * as] * b[s * ldb + c], r < M, c < C.
+// Register blocks of 4 rows by 4 vectors: each vector of b loaded serves 4 rows. Columns past the last whole
+// vector are done one by one (b is never read past column C).
 template <typename T>
-KDFAST_CPU_CLONES void rows_times_tile(const T* a, int64_t K, int64_t D, const T* bt, T scale, T* out) {
-  for (int64_t i = 0; i < K; ++i) {
-    T acc[kTile] = {};
-    const T* ai = a + i * D;
-    for (int64_t d = 0; d < D; ++d) {
-      const T w = ai[d];
-      const T* b = bt + d * kTile;
-#pragma omp simd
-      for (int64_t t = 0; t < kTile; ++t) {
-        acc[t] += w * b[t];
+KDFAST_CPU_CLONES void product(const T* a, int64_t ar, int64_t as, const T* b, int64_t ldb, int64_t M, int64_t S,
+                               int64_t C, T* out, int64_t ldo, bool accumulate) {
+  constexpr int64_t V = Vec<T>::lanes;
+  constexpr int64_t R = 4, NV = 4;
+  const int64_t vector_cols = C / V * V;
+  for (int64_t c0 = 0; c0 < vector_cols; c0 += NV * V) {
+    const int64_t nv = std::min<int64_t>(NV, (vector_cols - c0) / V);
+    for (int64_t r0 = 0; r0 < M; r0 += R) {
+      const int64_t nr = std::min<int64_t>(R, M - r0);
+      vec_t<T> acc[R][NV] = {};
+      for (int64_t s = 0; s < S; ++s) {
+        vec_t<T> bv[NV];
+        for (int64_t j = 0; j < NV; ++j) {
+          bv[j] = j < nv ? vload(b + s * ldb + c0 + j * V) : vec_t<T>{};
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const vec_t<T> w = vsplat(r < nr ? a[(r0 + r) * ar + s * as] : T(0));
+          for (int64_t j = 0; j < NV; ++j) {
+            acc[r][j] += w * bv[j];
+          }
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        for (int64_t j = 0; j < nv; ++j) {
+          T* o = out + (r0 + r) * ldo + c0 + j * V;
+          vstore(o, accumulate ? vload(o) + acc[r][j] : acc[r][j]);
+        }
       }
     }
-    T* o = out + i * kTile;
-#pragma omp simd
-    for (int64_t t = 0; t < kTile; ++t) {
-      o[t] = scale * acc[t];
+  }
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t c = vector_cols; c < C; ++c) {
+      T total = accumulate ? out[r * ldo + c] : T(0);
+      for (int64_t s = 0; s < S; ++s) {
+        total += a[r * ar + s * as] * b[s * ldb + c];
+      }
+      out[r * ldo + c] = total;
     }
   }
 }
 
-// In place: the logits tile (K, kTile) becomes the softmax over its K rows, column by column.
+// In place: the tile of dot products (K, kTile) becomes the softmax over its K rows of scale times them.
 template <typename T>
-KDFAST_CPU_CLONES void softmax_over_slots(T* L, int64_t K) {
+KDFAST_CPU_CLONES void softmax_over_slots(T* L, int64_t K, T scale) {
   constexpr int64_t V = Vec<T>::lanes;
   for (int64_t t = 0; t < kTile; t += V) {
-    vec_t<T> m = vload(L + t);
+    vec_t<T> m = scale * vload(L + t);
     for (int64_t i = 1; i < K; ++i) {
-      m = vmax<T>(m, vload(L + i * kTile + t));
+      m = vmax<T>(m, scale * vload(L + i * kTile + t));
     }
     vec_t<T> total = {};
     for (int64_t i = 0; i < K; ++i) {
-      const vec_t<T> e = vexp(vload(L + i * kTile + t) - m);
+      const vec_t<T> e = vexp(scale * vload(L + i * kTile + t) - m);
       vstore(L + i * kTile + t, e);
       total += e;
     }
@@ -177,22 +200,21 @@ KDFAST_CPU_CLONES void forward_block(const Shape& s, const T* q, const T* k, con
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
     const int64_t tn = std::min(kTile, n_end - n0);
     transpose_tile(k, D, n0, tn, kt);
-    rows_times_tile(q, K, D, kt, scale, A);
-    softmax_over_slots(A, K);
+    product(q, D, 1, kt, kTile, K, D, kTile, A, kTile, false);
+    softmax_over_slots(A, K, scale);
     for (int64_t i = 0; i < K; ++i) {
-      const T* a = A + i * kTile;
+      T* a = A + i * kTile;
       if (attn != nullptr) {
         std::copy(a, a + tn, attn + i * s.N + n0);
       }
-      T* num = part + i * Dv;
       T zi = 0;
       for (int64_t t = 0; t < tn; ++t) {
-        const T w = a[t] + eps;
-        zi += w;
-        axpy(num, w, v + (n0 + t) * Dv, Dv);
+        a[t] += eps;
+        zi += a[t];
       }
       z[i] += zi;
     }
+    product(A, kTile, 1, v + n0 * Dv, Dv, K, tn, Dv, part, Dv, true);  // numerator += W v
   }
 }
 
@@ -207,9 +229,9 @@ KDFAST_CPU_CLONES void backward_block(const Shape& s, const T* G, const T* GA, c
     const int64_t tn = std::min(kTile, n_end - n0);
     transpose_tile(k, D, n0, tn, kt);
     transpose_tile(v, Dv, n0, tn, vt);
-    rows_times_tile(q, K, D, kt, scale, A);
-    softmax_over_slots(A, K);
-    rows_times_tile(G, K, Dv, vt, T(1), dA);  // <G_i, v_t>
+    product(q, D, 1, kt, kTile, K, D, kTile, A, kTile, false);
+    softmax_over_slots(A, K, scale);
+    product(G, Dv, 1, vt, kTile, K, Dv, kTile, dA, kTile, false);  // <G_i, v_t>
     T colsum[kTile] = {};
     for (int64_t i = 0; i < K; ++i) {
       const T* a = A + i * kTile;
@@ -221,24 +243,19 @@ KDFAST_CPU_CLONES void backward_block(const Shape& s, const T* G, const T* GA, c
         colsum[t] += a[t] * da[t];
       }
     }
-    for (int64_t t = 0; t < tn; ++t) {
-      T* dv_row = dv + (n0 + t) * Dv;
-      T* dk_row = dk + (n0 + t) * D;
-      std::fill(dv_row, dv_row + Dv, T(0));
-      std::fill(dk_row, dk_row + D, T(0));
-      for (int64_t i = 0; i < K; ++i) {
-        const T a = A[i * kTile + t];
-        axpy(dv_row, (a + eps) * inv_z[i], G + i * Dv, Dv);
-        const T dl = scale * a * (dA[i * kTile + t] - colsum[t]);
-        dA[i * kTile + t] = dl;
-        axpy(dk_row, dl, q + i * D, D);
-      }
-    }
+    // dA becomes dL = s A (dA - sum_j A_j dA_j), then A becomes W / Z
     for (int64_t i = 0; i < K; ++i) {
+      T* a = A + i * kTile;
+      T* da = dA + i * kTile;
+      const T zi = inv_z[i];
       for (int64_t t = 0; t < tn; ++t) {
-        axpy(dq_part + i * D, dA[i * kTile + t], k + (n0 + t) * D, D);
+        da[t] = scale * a[t] * (da[t] - colsum[t]);
+        a[t] = (a[t] + eps) * zi;
       }
     }
+    product(A, 1, kTile, G, Dv, tn, K, Dv, dv + n0 * Dv, Dv, false);      // dv_t = sum_i W[i,t] G_i / Z_i
+    product(dA, 1, kTile, q, D, tn, K, D, dk + n0 * D, D, false);         // dk_t = sum_i dL[i,t] q_i
+    product(dA, kTile, 1, k + n0 * D, D, K, tn, D, dq_part, D, true);     // dq_i += sum_t dL[i,t] k_t
   }
 }
 
