@@ -206,23 +206,23 @@ void product(const T* a, int64_t a_stride, int64_t rows, int64_t n, const T* b, 
 }
 
 // Row j of a logits tile (cols values, readable up to a whole vector past them) whose positive is at
-// `diagonal`, in place: row[i] = exp(l[i, j] - l[j, j] - m) for the negatives i != j, m their largest shifted
-// logit, and 0 on the diagonal and the padding up to a whole vector. Returns r = m + log(sum) (-inf without
-// negatives, NaN where any value is NaN) and the sum.
+// `diagonal`, in place: row[i] = exp(l[i, j] - m) for the negatives i != j, m their largest logit, and 0 on the
+// diagonal and the padding up to a whole vector. Returns r = (m - l[j, j]) + log(sum) (-inf without negatives,
+// NaN where any value is NaN) and the sum. m - l[j, j] is a logit difference, like the shifted logits
+// l[i, j] - l[j, j] of the definition; only the final softplus(r) turns it into the loss.
 template <typename T>
 KDFAST_VEC T shifted_negatives(T* row, int64_t cols, int64_t diagonal, T& sum) {
   constexpr int64_t L = Vec<T>::lanes;
   constexpr T minus_inf = -std::numeric_limits<T>::infinity();
   const int64_t padded = round_up(cols, L);
-  const vec_t<T> positive = vsplat(row[diagonal]);
+  const T positive = row[diagonal];
   for (int64_t c = cols; c < padded; ++c) {
     row[c] = minus_inf;
   }
   row[diagonal] = minus_inf;
-  vec_t<T> vm = vsplat(minus_inf);
-  for (int64_t c = 0; c < padded; c += L) {
-    const vec_t<T> v = vload(row + c) - positive;
-    vstore(row + c, v);
+  vec_t<T> vm = vload(row);
+  for (int64_t c = L; c < padded; c += L) {
+    const vec_t<T> v = vload(row + c);
     vm = v > vm ? v : vm;
   }
   const T m = hmax<T>(vm);
@@ -235,7 +235,7 @@ KDFAST_VEC T shifted_negatives(T* row, int64_t cols, int64_t diagonal, T& sum) {
     vstore(row + c, e);
   }
   sum = hsum<T>(total);
-  return m + std::log(sum);
+  return sum == T(0) ? minus_inf : (m - positive) + std::log(sum);
 }
 
 // r of row j of a logits tile (see shifted_negatives; the row is overwritten).
