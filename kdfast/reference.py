@@ -224,6 +224,15 @@ def slot_contrastive_loss(
 
     i.e. for each slot j at t+1 a softmax over the slots i at t whose positive is i = j
     (SlotContrast: ``CrossEntropyLoss`` on the (S, S) logits with class axis i and target eye(S)).
+    It is computed as the same quantity in the form
+
+    .. math::
+
+        r_t[j] = \mathrm{logsumexp}_{i \ne j} (\mathrm{logits}_t[i, j] - \mathrm{logits}_t[j, j]), \qquad
+        \ell_t[j] = \mathrm{softplus}(r_t[j]) = \log(1 + e^{r_t[j]})
+
+    (:math:`r = -\infty` and :math:`\ell = 0` when S == 1), whose gradient with respect to the positive,
+    :math:`-\sigma(r)`, needs no :math:`p_{jj} - 1` either.
 
     Args:
         slots: (B, T, K, D) floating.
@@ -244,12 +253,23 @@ def slot_contrastive_loss(
     if batch_contrast:
         z = z.permute(1, 0, 2, 3).reshape(T, B * K, D)  # (T, S=B*K, D), i = b*K + k
         logits = torch.matmul(z[:-1], z[1:].transpose(-2, -1)) / temperature  # (T-1, S, S) [t, i, j]
-        terms = torch.logsumexp(logits, dim=-2) - torch.diagonal(logits, dim1=-2, dim2=-1)  # (T-1, S)
+        terms = _contrastive_terms(logits)  # (T-1, S)
     else:
         logits = torch.matmul(z[:, :-1], z[:, 1:].transpose(-2, -1)) / temperature  # (B, T-1, K, K)
-        terms = torch.logsumexp(logits, dim=-2) - torch.diagonal(logits, dim1=-2, dim2=-1)  # (B, T-1, K)
-        terms = terms.transpose(0, 1)  # (T-1, B, K)
+        terms = _contrastive_terms(logits).transpose(0, 1)  # (T-1, B, K)
     return _reduce(terms, reduction).to(out)
+
+
+def _contrastive_terms(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp_i logits[..., i, j] - logits[..., j, j] for (..., S, S) logits, as softplus(r) (see above)."""
+    S = logits.shape[-1]
+    diagonal = torch.diagonal(logits, dim1=-2, dim2=-1).unsqueeze(-2)  # (..., 1, S)
+    # When the positive dominates (a static scene at a low temperature), logsumexp and the diagonal are both
+    # ~1/tau while the loss is ~exp(-1/tau): their difference cancels every digit. Shifting by the diagonal
+    # first and leaving it out of the sum keeps the loss (and p_jj - 1 = -sigmoid(r)) to full precision.
+    positive = torch.eye(S, dtype=torch.bool, device=logits.device)
+    log_odds = torch.logsumexp((logits - diagonal).masked_fill(positive, float("-inf")), dim=-2)  # (..., S)
+    return torch.logaddexp(log_odds, torch.zeros_like(log_odds))
 
 
 # ----------------------------------------------------------------------------------------------

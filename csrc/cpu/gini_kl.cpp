@@ -127,7 +127,7 @@ KDFAST_VEC_INLINE T abs_sum(const scalar_t* x, int64_t HW) {
 }
 
 template <typename T>
-inline T sign_of(T x) {
+KDFAST_INLINE T sign_of(T x) {
   // torch.sign: 0 at 0, NaN at NaN
   return x > T(0) ? T(1) : (x < T(0) ? T(-1) : x);
 }
