@@ -115,7 +115,8 @@ def lora_linear(
         x: (..., I) float16, bfloat16, float32 or float64.
         weight: (O, I); bias: (O,) or None; lora_a: (r, I); lora_b: (O, r); same device.
         scale: LoRA scaling (PEFT: alpha / r). dropout_p: dropout on the LoRA input only, active when training.
-        backend: ``auto`` or ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
+        backend: ``auto``, ``triton`` or ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``: triton on
+            CUDA, reference on CPU). The triton backend's dropout takes x of at most 2**31 - 1 elements.
 
     Returns:
         (..., O) in the inputs' dtype (mixed dtypes are promoted, at least float32).
@@ -253,9 +254,11 @@ def lora_qkv(
         w_qkv: (3C, C); b_qkv: (3C,) or None.
         lora_q, lora_k, lora_v: each (A (r, C), B (C, r)) or None for no LoRA on that slice.
         scale: LoRA scaling; num_heads: H, dividing C.
+        backend: ``auto``, ``triton`` or ``reference``, as in ``lora_linear``.
 
     Returns:
-        q, k, v, each (B, H, T, C // H): the layout scaled_dot_product_attention takes.
+        q, k, v, each (B, H, T, C // H): the layout scaled_dot_product_attention takes (the triton backend
+        writes them there directly).
     """
     _validate.tensor("x", x, "(B, T, C)")
     _validate.nonempty("x", x, "(B, T, C)")
