@@ -1,14 +1,21 @@
 // CPU kernels of the slot attention core (design.md 3.1): one pass over the N tokens each way.
 //
-// Per batch element, tokens are taken in tiles of kTile: the tile's keys are transposed to (D, kTile), so
-// that the logits L[i, t] = s <q_i, k_t> and the softmax over the K slots run along the tokens, one vector
-// lane per token. Forward: per tile, W = A + eps adds into the numerator (K, Dv) and Z (K). Backward: per
-// tile the attention is recomputed from q and k (nothing of size (K, N) is saved), then dv and dk rows of the
-// tile are written whole and dq adds up.
+// Per batch element, tokens are taken in tiles of kTile. The products of a tile run in the BLAS that torch
+// links (MKL or OpenBLAS: its Fortran sgemm_/dgemm_), called directly, so they cost what a GEMM of that size
+// costs and nothing of the dispatcher; everything elementwise between them is one fused pass over the (K, tile)
+// block while it is in cache, with one vector lane per token (the softmax runs over the K slots).
+//   forward:  L = q k_tile^T; W = softmax_slots(s L) + eps, Z += sum_t W (and the masks stored);
+//             numerator += W v_tile.
+//   backward: the attention is recomputed from q and k (nothing of size (K, N) is saved): L = q k_tile^T,
+//             P = G v_tile^T; then dL and W / Z in one pass; dv_tile = (W / Z)^T G, dk_tile = dL^T q,
+//             dq += dL k_tile.
+// Where torch exports no such BLAS (or KDFAST_CPU_BLAS=0), the same products run in portable register-blocked
+// loops.
 //
-// Threads take (batch element, block of kBlock tokens) pairs. The partial sums of a block (numerator and Z
-// forward, dq backward) go to their own slot of a buffer and are added up block by block in order at the end,
-// so the result has one summation order whatever the number of threads: the same bits on every run.
+// Threads take (batch element, tile) pairs. The partial sums of a tile (numerator and Z forward, dq backward)
+// go to their own slot of a buffer and are added up tile by tile in order at the end, and each BLAS call runs
+// on one thread, so the result has one summation order whatever the number of threads: the same bits on
+// every run.
 //
 // float16/bfloat16 inputs are computed in float32 (converted once here); float64 in float64.
 #include <ATen/Dispatch.h>
@@ -17,10 +24,25 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../common.h"
+
+// The BLAS inside libtorch_cpu (LP64 Fortran interface, as torch's own CPUBlas calls it). Weak: a torch that
+// does not export them still loads this library, and the portable products are used instead.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+// MKL only (its C entry point): the BLAS thread count of the calling thread (returns the previous one; 0 means the global one).
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+}
 
 // Returning a 64-byte vector has no fixed ABI without AVX-512; here such helpers are always inlined.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -28,11 +50,6 @@
 
 namespace kdfast {
 namespace {
-
-// Tokens per tile (a whole number of vectors of float and double), and per block of work: fixed, so that
-// partial sums do not depend on the thread count.
-constexpr int64_t kTile = 64;
-constexpr int64_t kBlock = 256;
 
 template <typename T>
 struct Vec {
@@ -93,17 +110,54 @@ KDFAST_VEC vec_t<T> vmax(const vec_t<T>& a, const vec_t<T>& b) {
   return a > b ? a : b;
 }
 
-// Token tile [n0, n0 + tn) of one batch element, tn <= kTile: keys transposed into kt (D, kTile), zero-padded.
-template <typename T>
-void transpose_tile(const T* x, int64_t D, int64_t n0, int64_t tn, T* xt) {
-  for (int64_t d = 0; d < D; ++d) {
-    T* row = xt + d * kTile;
-    for (int64_t t = 0; t < tn; ++t) {
-      row[t] = x[(n0 + t) * D + d];
-    }
-    std::fill(row + tn, row + kTile, T(0));
-  }
+// Tokens per tile, and per work item: a whole number of vectors of float and double, fixed so that partial
+// sums do not depend on the thread count. Wide enough that the per-call cost of the BLAS is small against
+// the product, small enough that the (K, tile) blocks stay in L1/L2.
+constexpr int64_t kTile = 256;
+
+// KDFAST_CPU_BLAS=0 uses the portable products even where torch exports a BLAS (read once).
+inline bool blas_disabled() {
+  static const bool off = [] {
+    const char* v = std::getenv("KDFAST_CPU_BLAS");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
+  return off;
 }
+
+inline bool have_blas(float*) {
+  return sgemm_ != nullptr && !blas_disabled();
+}
+inline bool have_blas(double*) {
+  return dgemm_ != nullptr && !blas_disabled();
+}
+
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                      const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                      const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                      const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+                      const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Inside a work item the BLAS runs on the calling thread only: the work is already spread over the threads,
+// and a BLAS that splits a product differently with more threads would make the bits depend on the count.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      MKL_Set_Num_Threads_Local(previous_);
+    }
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 // out[r, c] = (out[r, c] if accumulate else 0) + sum_{s < S} a[r * ar + s * as] * b[s * ldb + c], r < M, c < C.
 // Register blocks of 4 rows by 4 vectors: each vector of b loaded serves 4 rows. Columns past the last whole
@@ -150,113 +204,193 @@ KDFAST_CPU_CLONES void product(const T* a, int64_t ar, int64_t as, const T* b, i
   }
 }
 
-// In place: the tile of dot products (K, kTile) becomes the softmax over its K rows of scale times them.
+// Row-major out (M, C) = op(a) (M, S) op(b) (S, C), op(x) = x^T where its flag is set (a transposed is stored
+// (S, M), b transposed (C, S)). scratch (S * C) is only used without a BLAS, to hold b^T.
 template <typename T>
-KDFAST_CPU_CLONES void softmax_over_slots(T* L, int64_t K, T scale) {
+void matmul(const T* a, int64_t lda, bool ta, const T* b, int64_t ldb, bool tb, int64_t M, int64_t S, int64_t C,
+            T* out, int64_t ldo, T* scratch) {
+  if (have_blas(out)) {
+    // Column-major BLAS sees every row-major matrix transposed: out^T = op(b)^T op(a)^T.
+    const int m = static_cast<int>(C), n = static_cast<int>(M), k = static_cast<int>(S);
+    const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildo = static_cast<int>(ldo);
+    const T one = 1, zero = 0;
+    blas_gemm(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &one, b, &ildb, a, &ilda, &zero, out, &ildo);
+    return;
+  }
+  if (tb) {
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t c = 0; c < C; ++c) {
+        scratch[s * C + c] = b[c * ldb + s];
+      }
+    }
+    b = scratch;
+    ldb = C;
+  }
+  product(a, ta ? 1 : lda, ta ? lda : 1, b, ldb, M, S, C, out, ldo, false);
+}
+
+template <typename T>
+KDFAST_VEC vec_t<T> lane_index() {
+  vec_t<T> index;
+  for (int64_t l = 0; l < Vec<T>::lanes; ++l) {
+    index[l] = T(l);
+  }
+  return index;
+}
+
+// x, with the lanes from `valid` on set to 0 (the tokens past the end of a tile).
+template <typename T>
+KDFAST_VEC vec_t<T> first_lanes(const vec_t<T>& x, int64_t valid) {
+  return lane_index<T>() < vsplat(T(valid)) ? x : vec_t<T>{};
+}
+
+// Forward pass over the tile's block L (K, ld) of dot products <q_i, k_t>, t < tn: L becomes
+// W = softmax_i(scale L[:, t]) + eps (0 past tn), attn (K, attn_ld, may be null) gets the softmax A, and
+// z (K) the sum of W over the tile. zacc holds K vectors of partial sums.
+template <typename T>
+KDFAST_CPU_CLONES void attention_weights(T* L, int64_t K, int64_t ld, int64_t tn, T scale, T eps, T* attn,
+                                         int64_t attn_ld, T* zacc, T* z) {
   constexpr int64_t V = Vec<T>::lanes;
-  for (int64_t t = 0; t < kTile; t += V) {
+  std::fill(zacc, zacc + K * V, T(0));
+  for (int64_t t = 0; t < tn; t += V) {
+    const int64_t valid = std::min(V, tn - t);
     vec_t<T> m = scale * vload(L + t);
     for (int64_t i = 1; i < K; ++i) {
-      m = vmax<T>(m, scale * vload(L + i * kTile + t));
+      m = vmax<T>(m, scale * vload(L + i * ld + t));
     }
     vec_t<T> total = {};
     for (int64_t i = 0; i < K; ++i) {
-      const vec_t<T> e = vexp(scale * vload(L + i * kTile + t) - m);
-      vstore(L + i * kTile + t, e);
+      const vec_t<T> e = vexp(scale * vload(L + i * ld + t) - m);
+      vstore(L + i * ld + t, e);
       total += e;
     }
     const vec_t<T> inv = T(1) / total;
     for (int64_t i = 0; i < K; ++i) {
-      vstore(L + i * kTile + t, vload(L + i * kTile + t) * inv);
+      const vec_t<T> a = vload(L + i * ld + t) * inv;
+      if (attn != nullptr) {
+        if (valid == V) {
+          vstore(attn + i * attn_ld + t, a);
+        } else {
+          T lanes[V];
+          vstore(lanes, a);
+          std::copy(lanes, lanes + valid, attn + i * attn_ld + t);
+        }
+      }
+      const vec_t<T> w = valid == V ? a + eps : first_lanes<T>(a + eps, valid);
+      vstore(L + i * ld + t, w);
+      vstore(zacc + i * V, vload(zacc + i * V) + w);
+    }
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    T total = 0;
+    for (int64_t l = 0; l < V; ++l) {
+      total += zacc[i * V + l];
+    }
+    z[i] = total;
+  }
+}
+
+// Backward pass over the tile's blocks L = <q_i, k_t> and P = <G_i, v_t> (K, ld), t < tn. With A the softmax
+// over the slots of scale L and g_i = (P_i - c_i) / Z_i + GA_i (the gradient reaching A), P becomes
+// dL = scale A (g - sum_j A_j g_j) and L becomes W / Z = (A + eps) / Z_i. GA (K, ga_ld) may be null.
+template <typename T>
+KDFAST_CPU_CLONES void attention_gradients(T* L, T* P, int64_t K, int64_t ld, int64_t tn, T scale, T eps, const T* c,
+                                           const T* inv_z, const T* GA, int64_t ga_ld) {
+  constexpr int64_t V = Vec<T>::lanes;
+  for (int64_t t = 0; t < tn; t += V) {
+    const int64_t valid = std::min(V, tn - t);
+    vec_t<T> m = scale * vload(L + t);
+    for (int64_t i = 1; i < K; ++i) {
+      m = vmax<T>(m, scale * vload(L + i * ld + t));
+    }
+    vec_t<T> total = {};
+    for (int64_t i = 0; i < K; ++i) {
+      const vec_t<T> e = vexp(scale * vload(L + i * ld + t) - m);
+      vstore(L + i * ld + t, e);
+      total += e;
+    }
+    const vec_t<T> inv = T(1) / total;
+    vec_t<T> colsum = {};
+    for (int64_t i = 0; i < K; ++i) {
+      const vec_t<T> a = vload(L + i * ld + t) * inv;
+      vec_t<T> g = (vload(P + i * ld + t) - c[i]) * inv_z[i];
+      if (GA != nullptr) {
+        if (valid == V) {
+          g += vload(GA + i * ga_ld + t);
+        } else {
+          T lanes[V] = {};
+          std::copy(GA + i * ga_ld + t, GA + i * ga_ld + t + valid, lanes);
+          g += vload(lanes);
+        }
+      }
+      vstore(L + i * ld + t, a);
+      vstore(P + i * ld + t, g);
+      colsum += a * g;
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      const vec_t<T> a = vload(L + i * ld + t);
+      vstore(P + i * ld + t, scale * a * (vload(P + i * ld + t) - colsum));
+      vstore(L + i * ld + t, (a + eps) * inv_z[i]);
     }
   }
 }
 
-// row[:n] += w * x[:n]
+// row[:n] += x[:n]
 template <typename T>
-KDFAST_VEC void axpy(T* row, T w, const T* x, int64_t n) {
+KDFAST_VEC void add_into(T* row, const T* x, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    row[j] += w * x[j];
+    row[j] += x[j];
   }
 }
 
 struct Shape {
-  int64_t B, K, N, D, Dv, blocks;
+  int64_t B, K, N, D, Dv, tiles;
 };
 
 Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const int64_t N = k.size(1);
-  return {q.size(0), q.size(1), N, q.size(2), v.size(2), (N + kBlock - 1) / kBlock};
+  return {q.size(0), q.size(1), N, q.size(2), v.size(2), (N + kTile - 1) / kTile};
 }
 
-// Numerator (K, Dv) and Z (K) of one block of tokens, into part (K * (Dv + 1)); the masks if attn is given.
+// Per-thread working memory: the (K, kTile) blocks, the K vectors of Z's partial sums, and (without a BLAS)
+// room for a transposed tile of keys or values.
 template <typename T>
-KDFAST_CPU_CLONES void forward_block(const Shape& s, const T* q, const T* k, const T* v, T scale, T eps,
-                                     int64_t n_begin, int64_t n_end, T* attn, T* part, T* kt, T* A) {
+struct Workspace {
+  std::vector<T> L, P, zacc, scratch;
+  Workspace(const Shape& s, bool backward)
+      : L(s.K * kTile),
+        P(backward ? s.K * kTile : 0),
+        zacc(s.K * Vec<T>::lanes),
+        scratch(have_blas(static_cast<T*>(nullptr)) ? 0 : std::max(s.D, s.Dv) * kTile) {}
+};
+
+// Numerator (K, Dv) and Z (K) of the tile [n0, n0 + tn) of one batch element, into part (K * (Dv + 1));
+// the masks if attn (K, N) is given.
+template <typename T>
+void forward_tile(const Shape& s, const T* q, const T* k, const T* v, T scale, T eps, int64_t n0, int64_t tn,
+                  T* attn, T* part, Workspace<T>& w) {
   const int64_t K = s.K, D = s.D, Dv = s.Dv;
-  std::fill(part, part + K * (Dv + 1), T(0));
-  T* z = part + K * Dv;
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
-    const int64_t tn = std::min(kTile, n_end - n0);
-    transpose_tile(k, D, n0, tn, kt);
-    product(q, D, 1, kt, kTile, K, D, kTile, A, kTile, false);
-    softmax_over_slots(A, K, scale);
-    for (int64_t i = 0; i < K; ++i) {
-      T* a = A + i * kTile;
-      if (attn != nullptr) {
-        std::copy(a, a + tn, attn + i * s.N + n0);
-      }
-      T zi = 0;
-      for (int64_t t = 0; t < tn; ++t) {
-        a[t] += eps;
-        zi += a[t];
-      }
-      z[i] += zi;
-    }
-    product(A, kTile, 1, v + n0 * Dv, Dv, K, tn, Dv, part, Dv, true);  // numerator += W v
-  }
+  T* L = w.L.data();
+  matmul(q, D, false, k + n0 * D, D, true, K, D, tn, L, kTile, w.scratch.data());  // L = q k^T
+  attention_weights(L, K, kTile, tn, scale, eps, attn == nullptr ? nullptr : attn + n0, s.N, w.zacc.data(),
+                    part + K * Dv);
+  matmul(L, kTile, false, v + n0 * Dv, Dv, false, K, tn, Dv, part, Dv, w.scratch.data());  // numerator = W v
 }
 
-// One block of tokens of the backward: rows of dk and dv written whole, dq's partial sum into dq_part (K, D).
+// One tile of the backward: rows of dk and dv written whole, dq's partial sum into dq_part (K, D).
 template <typename T>
-KDFAST_CPU_CLONES void backward_block(const Shape& s, const T* G, const T* GA, const T* q, const T* k, const T* v,
-                                      const T* c, const T* inv_z, T scale, T eps, int64_t n_begin, int64_t n_end,
-                                      T* dq_part, T* dk, T* dv, T* kt, T* vt, T* A, T* dA) {
+void backward_tile(const Shape& s, const T* G, const T* GA, const T* q, const T* k, const T* v, const T* c,
+                   const T* inv_z, T scale, T eps, int64_t n0, int64_t tn, T* dq_part, T* dk, T* dv,
+                   Workspace<T>& w) {
   const int64_t K = s.K, D = s.D, Dv = s.Dv;
-  std::fill(dq_part, dq_part + K * D, T(0));
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTile) {
-    const int64_t tn = std::min(kTile, n_end - n0);
-    transpose_tile(k, D, n0, tn, kt);
-    transpose_tile(v, Dv, n0, tn, vt);
-    product(q, D, 1, kt, kTile, K, D, kTile, A, kTile, false);
-    softmax_over_slots(A, K, scale);
-    product(G, Dv, 1, vt, kTile, K, Dv, kTile, dA, kTile, false);  // <G_i, v_t>
-    T colsum[kTile] = {};
-    for (int64_t i = 0; i < K; ++i) {
-      const T* a = A + i * kTile;
-      T* da = dA + i * kTile;
-      const T ci = c[i], zi = inv_z[i];
-      const T* ga = GA == nullptr ? nullptr : GA + i * s.N + n0;
-      for (int64_t t = 0; t < tn; ++t) {
-        da[t] = (da[t] - ci) * zi + (ga == nullptr ? T(0) : ga[t]);
-        colsum[t] += a[t] * da[t];
-      }
-    }
-    // dA becomes dL = s A (dA - sum_j A_j dA_j), then A becomes W / Z
-    for (int64_t i = 0; i < K; ++i) {
-      T* a = A + i * kTile;
-      T* da = dA + i * kTile;
-      const T zi = inv_z[i];
-      for (int64_t t = 0; t < tn; ++t) {
-        da[t] = scale * a[t] * (da[t] - colsum[t]);
-        a[t] = (a[t] + eps) * zi;
-      }
-    }
-    product(A, 1, kTile, G, Dv, tn, K, Dv, dv + n0 * Dv, Dv, false);      // dv_t = sum_i W[i,t] G_i / Z_i
-    product(dA, 1, kTile, q, D, tn, K, D, dk + n0 * D, D, false);         // dk_t = sum_i dL[i,t] q_i
-    product(dA, kTile, 1, k + n0 * D, D, K, tn, D, dq_part, D, true);     // dq_i += sum_t dL[i,t] k_t
-  }
+  T *L = w.L.data(), *P = w.P.data(), *scratch = w.scratch.data();
+  matmul(q, D, false, k + n0 * D, D, true, K, D, tn, L, kTile, scratch);   // L = q k^T
+  matmul(G, Dv, false, v + n0 * Dv, Dv, true, K, Dv, tn, P, kTile, scratch);  // P = G v^T
+  attention_gradients(L, P, K, kTile, tn, scale, eps, c, inv_z, GA == nullptr ? nullptr : GA + n0, s.N);
+  matmul(L, kTile, true, G, Dv, false, tn, K, Dv, dv + n0 * Dv, Dv, scratch);     // dv_t = sum_i W[i,t] G_i / Z_i
+  matmul(P, kTile, true, q, D, false, tn, K, D, dk + n0 * D, D, scratch);         // dk_t = sum_i dL[i,t] q_i
+  matmul(P, kTile, false, k + n0 * D, D, false, K, tn, D, dq_part, D, scratch);  // dq_i = sum_t dL[i,t] k_t
 }
 
 template <typename T>
@@ -269,26 +403,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   auto attn = empty_output({s.B, s.K, return_attn ? s.N : 0}, options);
   auto norm = empty_output({s.B, s.K}, options);
   const int64_t part_size = s.K * (s.Dv + 1);
-  std::vector<T> parts(s.B * s.blocks * part_size);
+  std::vector<T> parts(s.B * s.tiles * part_size);
   const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
   T* ap = return_attn ? attn.mutable_data_ptr<T>() : nullptr;
-  at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(s.D * kTile), A(s.K * kTile);
+  at::parallel_for(0, s.B * s.tiles, 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> w(s, false);
+    const SingleThreadedBlas single_threaded;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / s.blocks, block = item % s.blocks;
-      forward_block<T>(s, qp + b * s.K * s.D, kp + b * s.N * s.D, vp + b * s.N * s.Dv, T(scale), T(eps),
-                       block * kBlock, std::min(s.N, (block + 1) * kBlock), ap == nullptr ? nullptr : ap + b * s.K * s.N,
-                       parts.data() + item * part_size, kt.data(), A.data());
+      const int64_t b = item / s.tiles, n0 = item % s.tiles * kTile;
+      forward_tile<T>(s, qp + b * s.K * s.D, kp + b * s.N * s.D, vp + b * s.N * s.Dv, T(scale), T(eps), n0,
+                      std::min(kTile, s.N - n0), ap == nullptr ? nullptr : ap + b * s.K * s.N,
+                      parts.data() + item * part_size, w);
     }
   });
   T *up = updates.mutable_data_ptr<T>(), *zp = norm.mutable_data_ptr<T>();
   at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> total(part_size);
     for (int64_t b = begin; b < end; ++b) {
-      std::fill(total.begin(), total.end(), T(0));
-      for (int64_t block = 0; block < s.blocks; ++block) {
-        const T* part = parts.data() + (b * s.blocks + block) * part_size;
-        axpy(total.data(), T(1), part, part_size);
+      const T* first = parts.data() + b * s.tiles * part_size;
+      std::copy(first, first + part_size, total.begin());
+      for (int64_t tile = 1; tile < s.tiles; ++tile) {
+        add_into(total.data(), first + tile * part_size, part_size);
       }
       for (int64_t i = 0; i < s.K; ++i) {
         const T z = total[s.K * s.Dv + i];
@@ -322,29 +457,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& G
     c[r] = acc;
     inv_z[r] = T(1) / zp[r];
   }
-  std::vector<T> parts(s.B * s.blocks * s.K * s.D);
+  const int64_t part_size = s.K * s.D;
+  std::vector<T> parts(s.B * s.tiles * part_size);
   const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
   const T* gap = GA == nullptr ? nullptr : GA->const_data_ptr<T>();
   T *dkp = dk.mutable_data_ptr<T>(), *dvp = dv.mutable_data_ptr<T>();
-  at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> kt(s.D * kTile), vt(s.Dv * kTile), A(s.K * kTile), dA(s.K * kTile);
+  at::parallel_for(0, s.B * s.tiles, 1, [&](int64_t begin, int64_t end) {
+    Workspace<T> w(s, true);
+    const SingleThreadedBlas single_threaded;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / s.blocks, block = item % s.blocks;
-      backward_block<T>(s, gp + b * s.K * s.Dv, gap == nullptr ? nullptr : gap + b * s.K * s.N, qp + b * s.K * s.D,
-                        kp + b * s.N * s.D, vp + b * s.N * s.Dv, c.data() + b * s.K, inv_z.data() + b * s.K, T(scale),
-                        T(eps), block * kBlock, std::min(s.N, (block + 1) * kBlock),
-                        parts.data() + item * s.K * s.D, dkp + b * s.N * s.D, dvp + b * s.N * s.Dv, kt.data(),
-                        vt.data(), A.data(), dA.data());
+      const int64_t b = item / s.tiles, n0 = item % s.tiles * kTile;
+      backward_tile<T>(s, gp + b * s.K * s.Dv, gap == nullptr ? nullptr : gap + b * s.K * s.N, qp + b * s.K * s.D,
+                       kp + b * s.N * s.D, vp + b * s.N * s.Dv, c.data() + b * s.K, inv_z.data() + b * s.K, T(scale),
+                       T(eps), n0, std::min(kTile, s.N - n0), parts.data() + item * part_size, dkp + b * s.N * s.D,
+                       dvp + b * s.N * s.Dv, w);
     }
   });
   T* dqp = dq.mutable_data_ptr<T>();
-  const int64_t part_size = s.K * s.D;
   at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       T* out = dqp + b * part_size;
-      std::fill(out, out + part_size, T(0));
-      for (int64_t block = 0; block < s.blocks; ++block) {
-        axpy(out, T(1), parts.data() + (b * s.blocks + block) * part_size, part_size);
+      const T* first = parts.data() + b * s.tiles * part_size;
+      std::copy(first, first + part_size, out);
+      for (int64_t tile = 1; tile < s.tiles; ++tile) {
+        add_into(out, first + tile * part_size, part_size);
       }
     }
   });
@@ -363,6 +499,10 @@ void check_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, d
   TORCH_CHECK(k.size(2) == q.size(2), "q (B,K,D) and k (B,N,D) must have one D, got ", q.sizes(), " and ", k.sizes());
   TORCH_CHECK(v.size(1) == k.size(1), "k (B,N,D) and v (B,N,Dv) must have one N, got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(q.numel() > 0 && k.numel() > 0 && v.numel() > 0, "q, k and v must be non-empty");
+  // The BLAS takes 32-bit sizes (the tile's token count is at most kTile).
+  constexpr int64_t int_max = std::numeric_limits<int>::max();
+  TORCH_CHECK(q.size(1) <= int_max && q.size(2) <= int_max && v.size(2) <= int_max,
+              "the cpp backend handles K, D and Dv up to ", int_max, ", got q ", q.sizes(), " and v ", v.sizes());
 }
 
 // Contiguous, in the accumulator dtype (float16/bfloat16 computed in float32).
