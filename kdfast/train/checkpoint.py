@@ -48,7 +48,7 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         # Checkpoints hold RNG states (numpy arrays, python tuples): not loadable with weights_only=True.
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign files are all one user error
+    except Exception as exc:  # truncated, corrupt or foreign files are all one user error
         raise ValueError(f"{str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__

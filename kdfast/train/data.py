@@ -7,7 +7,7 @@ Synthetic (no downloads; sample ``i`` of a split is a pure function of ``(seed, 
   "masks": (T, H, W) int64}``,
   mask 0 is the background, 1..n the objects (the same id in every frame).
 - :class:`Shapes`: classification images of one shape (``SHAPE_CLASSES``) with a random colour, size and position
-  on a noisy background. Sample: ``{"image": (3, H, W) float32 in [0, 1], "label": () int64}``.
+  on a noisy background. Sample: ``{"image": (3, H, W) float32 in [0, 1] (8-bit levels), "label": () int64}``.
 
 Real data (see :func:`open_video_data`, :func:`open_image_data`):
 
@@ -143,10 +143,12 @@ class Shapes(torch.utils.data.Dataset):
 
     num_classes = len(SHAPE_CLASSES)
 
-    def __init__(self, num_samples: int = 50_000, size: int = 32, seed: int = 0, split: str = "train"):
+    def __init__(self, num_samples: int = 10_000, size: int = 32, seed: int = 0, split: str = "train",
+                 cache: bool = True):
         if num_samples < 1 or size < 8:
             raise ValueError(f"Shapes: need num_samples >= 1 and size >= 8; got {num_samples}, {size}")
-        self.num_samples, self.size, self.seed, self.split = num_samples, size, seed, split
+        self.num_samples, self.size, self.seed, self.split, self.cache = num_samples, size, seed, split, cache
+        self._cache: dict[int, tuple[Tensor, int]] = {}
 
     def __len__(self) -> int:
         return self.num_samples
@@ -154,18 +156,25 @@ class Shapes(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"Shapes index {index} out of range [0, {self.num_samples})")
+        image, label = self._cache.get(index) or self._generate(index)
+        if self.cache:
+            self._cache[index] = (image, label)
+        return {"image": image.float() / 255.0, "label": torch.tensor(label)}
+
+    def _generate(self, index: int) -> tuple[Tensor, int]:
         g = _generator(self.seed, self.split, index)
         S = float(self.size)
         label = int(torch.randint(len(SHAPE_CLASSES), (1,), generator=g))
         y = torch.arange(self.size, dtype=torch.float32).view(-1, 1) + 0.5
         x = torch.arange(self.size, dtype=torch.float32).view(1, -1) + 0.5
-        r = _uniform(g, 0.2 * S, 0.4 * S)
+        r = _uniform(g, 0.12 * S, 0.3 * S)
         cy, cx = _uniform(g, float(r), float(S - r)), _uniform(g, float(r), float(S - r))
         inside = _shape_mask(SHAPE_CLASSES[label], y, x, cy, cx, r)
         colour = _hsv_to_rgb(_uniform(g, 0.0, 1.0), _uniform(g, 0.5, 1.0), _uniform(g, 0.6, 1.0))[0]
-        image = _uniform(g, 0.0, 0.4, 3).view(3, 1, 1) + 0.15 * torch.randn(3, self.size, self.size, generator=g)
+        # Noise strong enough that small shapes are not trivial to tell apart (the gini recipe compares losses).
+        image = _uniform(g, 0.0, 0.5, 3).view(3, 1, 1) + 0.3 * torch.randn(3, self.size, self.size, generator=g)
         image = torch.where(inside, colour.view(3, 1, 1), image)
-        return {"image": image.clamp(0.0, 1.0), "label": torch.tensor(label)}
+        return (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8), label
 
 
 class TensorDataset(torch.utils.data.Dataset):
@@ -289,7 +298,7 @@ def open_video_data(path: str | Path, num_frames: int = 4, size: int = 32) -> Te
     elif path.suffix == ".pt":
         try:
             content = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        except Exception as exc:  # any unreadable file is the same user error
             raise ValueError(f"--data: cannot read {str(path)!r} as a torch file: {exc}") from exc
         content = content if isinstance(content, dict) else {"features": content}
     else:
