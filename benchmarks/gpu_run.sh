@@ -3,7 +3,7 @@
 # then the GPU benchmark report. Everything lands under $OUT (default: benchmarks/results/gpu-run):
 #   tests.txt    the pytest output (CUDA cases included; the Triton kernels run compiled, not interpreted)
 #   report.txt   the report printed by benchmarks/report.py
-#   <gpu>-<date>.json / .md   the report files to commit to benchmarks/results/
+#   <gpu>-<date>-all.json / .md   the report files to commit to benchmarks/results/
 # Installs nothing the image already has (torch, triton); only kdfast itself, without build isolation.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -5,9 +5,9 @@
 Runs pytest-benchmark on benchmarks/bench_<op>.py (all suites by default) and prints, per group (op, pass,
 preset), a markdown table of the implementations: median time, speedup against eager and torch.compile and, on
 CUDA, peak memory and achieved bandwidth against the machine's measured ceiling (a large device-to-device copy).
-On CUDA it always writes benchmarks/results/<gpu>-<date>.json (the raw pytest-benchmark JSON with a header:
-GPU, torch and triton versions, commit measured, date, ceiling) and the same table as <gpu>-<date>.md; on CPU
-only with --save (cpu-<date>.*).
+On CUDA it always writes benchmarks/results/<gpu>-<date>-<suites>.json (the raw pytest-benchmark JSON with a
+header: GPU, torch and triton versions, commit measured, date, ceiling; <suites> is the --ops list joined by "-",
+or "all") and the same table as <gpu>-<date>-<suites>.md; on CPU only with --save (cpu-<date>-<suites>.*).
 """
 
 from __future__ import annotations
@@ -84,8 +84,16 @@ def run_suites(files: list[Path], args: argparse.Namespace) -> tuple[dict | None
             command += ["-k", args.keyword]
         print("$", shlex.join(command), flush=True)
         returncode = subprocess.run(command, check=False, cwd=REPO, env=env).returncode
-        data = json.loads(json_path.read_text()) if json_path.exists() else None
+        data = read_json(json_path)
     return data, returncode
+
+
+def read_json(path: Path) -> dict | None:
+    """pytest-benchmark's JSON, or None when it wrote none or a partial file (a suite that failed to collect)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def copy_bandwidth_ceiling(nbytes: int = 1 << 30, runs: int = 10) -> float:
@@ -249,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if device.startswith("cuda") or args.save:
         slug = re.sub(r"[^a-z0-9]+", "-", header["machine"].lower()).strip("-") if device.startswith("cuda") else "cpu"
-        stem = args.out / f"{slug}-{header['date']}"
+        # One file per machine, date and set of suites, so saving one suite never overwrites another's results.
+        suites = "-".join(args.ops) if args.ops else "all"
+        stem = args.out / f"{slug}-{header['date']}-{suites}"
         args.out.mkdir(parents=True, exist_ok=True)
         # Every round's time would make the file tens of MB on a GPU (thousands of rounds per case); the
         # statistics stay.

@@ -261,6 +261,31 @@ def _table_classes(
 
 
 @triton.jit
+def _table_grad_block(
+    sums_ptr, counts_ptr, colsum_ptr, c0, C, offs_f, mask_f, z, batch_size, grad_kl, delta, uniform_t,
+    stride_sc, stride_sf, stride_n,
+    UNIFORM: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One block of classes of the (C, F) table for _table_grad_kernel's two passes: the class offsets and
+    mask, the counts n, the KL term's beta = -g_kl t_c / (P_c + delta) and p (float64)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    n = tl.load(counts_ptr + offs_c * stride_n, mask=mask_c, other=0).to(tl.float64)
+    # absent classes (n_c = 0) are skipped: their rows are not even read
+    s = tl.load(
+        sums_ptr + offs_c[:, None] * stride_sc + offs_f[None, :] * stride_sf,
+        mask=(mask_c & (n > 0))[:, None] & mask_f[None, :], other=0.0,
+    ).to(tl.float64)
+    if UNIFORM:
+        t = tl.where(mask_c, uniform_t, 0.0)
+    else:
+        t = n / batch_size
+    beta = -grad_kl * t / (tl.load(colsum_ptr + offs_c, mask=mask_c, other=0.0) + delta)
+    p = s / (n[:, None] + delta) / z[None, :]
+    return offs_c, mask_c, n, beta, p
+
+
+@triton.jit
 def _table_grad_kernel(
     sums_ptr, counts_ptr, z_ptr, colsum_ptr, scalars_ptr, grad_gini_ptr, grad_kl_ptr, grad_sums_ptr,
     C, F,
@@ -285,39 +310,19 @@ def _table_grad_kernel(
     alpha = -2.0 * grad_gini / F
     dot = tl.full([BLOCK_F], 0.0, tl.float64)  # sum_c h[c, f] p[c, f]
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        n = tl.load(counts_ptr + offs_c * stride_n, mask=mask_c, other=0).to(tl.float64)
-        # absent classes (n_c = 0) are skipped: their rows are not even read
-        s = tl.load(
-            sums_ptr + offs_c[:, None] * stride_sc + offs_f[None, :] * stride_sf,
-            mask=(mask_c & (n > 0))[:, None] & mask_f[None, :], other=0.0,
-        ).to(tl.float64)
-        if UNIFORM:
-            t = tl.where(mask_c, uniform_t, 0.0)
-        else:
-            t = n / batch_size
-        beta = -grad_kl * t / (tl.load(colsum_ptr + offs_c, mask=mask_c, other=0.0) + delta)
-        p = s / (n[:, None] + delta) / z[None, :]
+        offs_c, mask_c, n, beta, p = _table_grad_block(
+            sums_ptr, counts_ptr, colsum_ptr, c0, C, offs_f, mask_f, z, batch_size, grad_kl, delta, uniform_t,
+            stride_sc, stride_sf, stride_n, UNIFORM, BLOCK_C,
+        )
         h = tl.where((n > 0)[:, None], alpha * p + beta[:, None], 0.0)
         dot += tl.reduce(h * p, 0, _sum_combine)
     # the KL normaliser's share, left over after the projection cancels
     normaliser = grad_kl * (t_sum / total) * delta / (z * z)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        n = tl.load(counts_ptr + offs_c * stride_n, mask=mask_c, other=0).to(tl.float64)
-        # absent classes (n_c = 0) are skipped: their rows are not even read
-        s = tl.load(
-            sums_ptr + offs_c[:, None] * stride_sc + offs_f[None, :] * stride_sf,
-            mask=(mask_c & (n > 0))[:, None] & mask_f[None, :], other=0.0,
-        ).to(tl.float64)
-        if UNIFORM:
-            t = tl.where(mask_c, uniform_t, 0.0)
-        else:
-            t = n / batch_size
-        beta = -grad_kl * t / (tl.load(colsum_ptr + offs_c, mask=mask_c, other=0.0) + delta)
-        p = s / (n[:, None] + delta) / z[None, :]
+        offs_c, mask_c, n, beta, p = _table_grad_block(
+            sums_ptr, counts_ptr, colsum_ptr, c0, C, offs_f, mask_f, z, batch_size, grad_kl, delta, uniform_t,
+            stride_sc, stride_sf, stride_n, UNIFORM, BLOCK_C,
+        )
         grad_s = (alpha * p + beta[:, None] - dot[None, :]) / z[None, :] + normaliser[None, :]
         # absent classes: no sample reads their gradient; 0, as documented
         grad = tl.where((n > 0)[:, None], grad_s / (n[:, None] + delta), 0.0)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
 
 from kdfast import ops, reference
-from kdfast.ops import slot_attention
+from kdfast.nn import SlotAttention
 
-CASES = implemented_cases(slot_attention._IMPLEMENTED)
+# kdfast.ops.slot_attention is the function (re-exported by kdfast.ops); the module holds _IMPLEMENTED.
+slot_attention_module = importlib.import_module("kdfast.ops.slot_attention")
+
+CASES = implemented_cases(slot_attention_module._IMPLEMENTED)
 # (B, K, N, D, Dv): singletons, N = 1, K = 1, D not a power of two (48, 96), N not a multiple of a tile (37),
 # values of another width than the keys, the SlotContrast movi-c slot count (11).
 SHAPES = [
@@ -20,9 +25,6 @@ SHAPES = [
     (3, 11, 64, 96, 96),
     (2, 5, 37, 48, 20),
 ]
-
-
-
 
 
 def inputs(B, K, N, D, Dv, dtype=torch.float32, device="cpu"):
@@ -44,7 +46,7 @@ def test_core_matches_reference(device, backend, shape):
         q, k, v = inputs(*shape, dtype=dtype, device=device)
         q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
         scale = 0.7 * D**-0.5
-        updates, attn = ops.slot_attention_core(q, k, v, scale, 1e-8, backend=backend)
+        updates, attn = ops.slot_attention_core(q, k, v, scale=scale, eps=1e-8, backend=backend)
         ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, scale, 1e-8)
         assert updates.dtype == dtype and attn.dtype == dtype
         assert updates.shape == (B, K, Dv) and attn.shape == (B, K, N)
@@ -137,7 +139,7 @@ def test_large_logits_stay_finite(device, backend):
         q, k, v = inputs(B, K, N, D, D, dtype=dtype, device=device)
         q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
         scale = 100 * D**-0.5
-        updates, attn = ops.slot_attention_core(q, k, v, scale, backend=backend)
+        updates, attn = ops.slot_attention_core(q, k, v, scale=scale, backend=backend)
         assert torch.isfinite(updates).all() and torch.isfinite(attn).all()
         ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, scale)
         assert_close(updates, ref_updates, dtype, f"{dtype} updates")
@@ -157,7 +159,7 @@ def test_large_logits_stay_finite(device, backend):
 def test_eps_zero_and_large_eps(device, backend):
     q, k, v = inputs(2, 4, 13, 8, 8, dtype=torch.float64, device=device)
     for eps in (0.0, 0.5):
-        updates, _ = ops.slot_attention_core(q, k, v, None, eps, backend=backend)
+        updates, _ = ops.slot_attention_core(q, k, v, eps=eps, backend=backend)
         ref_updates, _ = reference.slot_attention_core(q, k, v, None, eps)
         assert_close(updates, ref_updates, torch.float64, f"eps={eps} updates")
         grad_out = rand(2, 4, 8, dtype=torch.float64, device=device)
@@ -221,7 +223,7 @@ def test_autocast_mixed_dtypes_compute_in_float32():
 def test_gradcheck(device, backend):
     for shape, scale, eps in [((2, 3, 5, 4, 3), None, 1e-8), ((1, 1, 1, 2, 2), 0.9, 1e-8), ((2, 4, 3, 3, 3), 2.0, 0.0)]:
         q, k, v = inputs(*shape, dtype=torch.float64, device=device)
-        fn = lambda q, k, v, scale=scale, eps=eps: ops.slot_attention_core(q, k, v, scale, eps, backend=backend)
+        fn = lambda q, k, v, scale=scale, eps=eps: ops.slot_attention_core(q, k, v, scale=scale, eps=eps, backend=backend)
         assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
@@ -234,8 +236,11 @@ def test_custom_op_autograd_matches_reference(device, backend):
     for dtype in (torch.float32, torch.float64):
         q, k, v = inputs(*shape, dtype=dtype, device=device)
         q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
-        outs = op(q, k, v, 0.3, 1e-8, backend)
+        updates, attn, norm = op(q, k, v, 0.3, 1e-8, True, backend)
+        outs = (updates, attn)
         refs = reference.slot_attention_core(q64, k64, v64, 0.3, 1e-8)
+        assert norm.shape == (2, 5) and not norm.requires_grad
+        assert_close(norm, (refs[1] + 1e-8).sum(-1), dtype, f"{dtype} norm Z")
         for name, o, r in zip(("updates", "attention"), outs, refs):
             assert o.dtype == dtype
             assert_close(o, r, dtype, f"{dtype} {name}")
@@ -248,8 +253,16 @@ def test_custom_op_autograd_matches_reference(device, backend):
             )
             for name, g, w in zip("qkv", got, want):
                 assert_close(g, torch.zeros_like(g) if w is None else w, dtype, f"{dtype} outputs {used}: grad of {name}")
+        # Without the masks: an empty (B, K, 0) placeholder, the same updates and gradients.
+        updates, attn, _ = op(q, k, v, 0.3, 1e-8, False, backend)
+        assert attn.shape == (2, 5, 0)
+        assert_close(updates, refs[0], dtype, f"{dtype} updates without masks")
+        got = torch.autograd.grad(updates, (q, k, v), grad_out[0])
+        want = torch.autograd.grad(refs[0], (q64, k64, v64), grad_out[0].double(), retain_graph=True)
+        for name, g, w in zip("qkv", got, want):
+            assert_close(g, w, dtype, f"{dtype} without masks: grad of {name}")
     q, k, v = inputs(2, 3, 4, 3, 2, dtype=torch.float64, device=device)
-    assert torch.autograd.gradcheck(lambda q, k, v: op(q, k, v, 0.8, 1e-8, backend), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: op(q, k, v, 0.8, 1e-8, True, backend)[:2], (q, k, v))
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -257,10 +270,14 @@ def test_opcheck(device, backend):
     kd = torch.ops.kdfast
     for B, K, N, D, Dv in [(2, 3, 5, 4, 6), (1, 1, 1, 2, 2)]:
         q, k, v = inputs(B, K, N, D, Dv, device=device)
-        torch.library.opcheck(kd.slot_attention_core.default, (q, k, v, D**-0.5, 1e-8, backend))
+        for return_attn in (True, False):
+            torch.library.opcheck(kd.slot_attention_core.default, (q, k, v, D**-0.5, 1e-8, return_attn, backend))
         # Backward ops are checked on plain tensors: double backward is not supported.
-        args = (rand(B, K, Dv, device=device), rand(B, K, N, device=device), q.detach(), k.detach(), v.detach())
-        torch.library.opcheck(kd.slot_attention_core_backward.default, (*args, D**-0.5, 1e-8, backend))
+        updates, _, norm = kd.slot_attention_core(q.detach(), k.detach(), v.detach(), D**-0.5, 1e-8, False, backend)
+        saved = (q.detach(), k.detach(), v.detach(), updates, norm)
+        for grad_attn in (rand(B, K, N, device=device), None):
+            args = (rand(B, K, Dv, device=device), grad_attn, *saved, D**-0.5, 1e-8, backend)
+            torch.library.opcheck(kd.slot_attention_core_backward.default, args)
 
 
 class _Grouper(torch.nn.Module):
@@ -327,3 +344,224 @@ def test_bad_input_gets_a_clear_error(make, kwargs, error, message):
     q, k, v = make()
     with pytest.raises(error, match=message):
         ops.slot_attention_core(q, k, v, **kwargs)
+
+
+# ================================================================================= iterations and the module
+
+
+class EagerSlotAttention(torch.nn.Module):
+    """The SlotContrast / videosaur grouper written from its formula: the eager module kdfast.nn.SlotAttention
+    replaces (same options, parameter names and outputs)."""
+
+    def __init__(self, inp_dim, slot_dim, kvq_dim=None, hidden_dim=None, n_iters=3, eps=1e-8, use_gru=True, use_mlp=True):
+        super().__init__()
+        nn = torch.nn
+        kvq_dim = kvq_dim or slot_dim
+        hidden_dim = hidden_dim or 4 * slot_dim
+        self.to_k = nn.Linear(inp_dim, kvq_dim, bias=False)
+        self.to_v = nn.Linear(inp_dim, kvq_dim, bias=False)
+        self.to_q = nn.Linear(slot_dim, kvq_dim, bias=False)
+        self.gru = nn.GRUCell(kvq_dim, slot_dim) if use_gru else None
+        if use_mlp:
+            self.mlp = nn.Module()
+            self.mlp.layers = nn.Sequential(
+                nn.LayerNorm(slot_dim), nn.Linear(slot_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, slot_dim)
+            )
+        else:
+            self.mlp = None
+        self.norm_features = nn.LayerNorm(inp_dim)
+        self.norm_slots = nn.LayerNorm(slot_dim)
+        self.n_iters, self.eps, self.scale = n_iters, eps, kvq_dim**-0.5
+
+    def step(self, slots, keys, values):
+        slots = self.norm_slots(slots)
+        queries = self.to_q(slots)
+        masks = torch.softmax(self.scale * torch.einsum("bkd,bnd->bkn", queries, keys), dim=1)  # over the slots
+        weights = masks + self.eps
+        weights = weights / weights.sum(-1, keepdim=True)  # weighted mean over the inputs
+        updates = torch.einsum("bkn,bnd->bkd", weights, values)
+        if self.gru is not None:
+            slots = self.gru(updates.flatten(0, 1), slots.flatten(0, 1)).unflatten(0, slots.shape[:2])
+        else:
+            slots = slots + updates
+        if self.mlp is not None:
+            slots = slots + self.mlp.layers(slots)
+        return slots, masks
+
+    def forward(self, slots, features, n_iters=None):
+        features = self.norm_features(features)
+        keys, values = self.to_k(features), self.to_v(features)
+        for _ in range(self.n_iters if n_iters is None else n_iters):
+            slots, masks = self.step(slots, keys, values)
+        return {"slots": slots, "masks": masks}
+
+
+# (inp_dim, slot_dim, options): the defaults, kvq_dim and hidden_dim of their own, no GRU, no MLP, neither.
+MODULE_CONFIGS = [
+    (24, 16, {}),
+    (20, 16, {"kvq_dim": 12, "hidden_dim": 40, "n_iters": 2}),
+    (24, 16, {"use_gru": False, "eps": 1e-3}),
+    (24, 16, {"use_mlp": False}),
+    (24, 16, {"use_gru": False, "use_mlp": False, "n_iters": 1}),
+]
+
+
+def _eager_module(inp_dim, slot_dim, options, dtype=torch.float64):
+    eager = EagerSlotAttention(inp_dim, slot_dim, **options).to(dtype)
+    with torch.no_grad():  # LayerNorm starts at weight 1, bias 0: move every parameter off its initial value
+        for p in eager.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return eager
+
+
+@pytest.mark.parametrize("config", MODULE_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c[2].items()) or "defaults")
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_module_matches_eager_module_on_its_state_dict(device, backend, config):
+    """A state_dict saved from the eager module loads unchanged and gives the same slots, masks and gradients
+    (of the slots, the features and every parameter), in float64 and in float32 against float64."""
+    inp_dim, slot_dim, options = config
+    eager = _eager_module(inp_dim, slot_dim, options).to(device)
+    state = eager.state_dict()
+    B, K, N = 2, 5, 37
+    slots64, features64 = leaf(rand(B, K, slot_dim, dtype=torch.float64, device=device)), leaf(rand(B, N, inp_dim, dtype=torch.float64, device=device))
+    want = eager(slots64, features64)
+    grad_slots = rand(B, K, slot_dim, dtype=torch.float64, device=device)
+    grad_masks = rand(B, K, N, dtype=torch.float64, device=device)
+    wrt_eager = (slots64, features64, *eager.parameters())
+    want_grads = torch.autograd.grad((want["slots"], want["masks"]), wrt_eager, (grad_slots, grad_masks))
+    for dtype in (torch.float64, torch.float32):
+        module = SlotAttention(inp_dim, slot_dim, **options, backend=backend).to(device=device, dtype=dtype)
+        assert set(module.state_dict()) == set(state)
+        module.load_state_dict(state)  # copied into the module's dtype
+        slots, features = leaf(slots64.to(dtype)), leaf(features64.to(dtype))
+        got = module(slots, features)
+        assert set(got) == {"slots", "masks"}
+        assert got["slots"].dtype == dtype and got["masks"].shape == (B, K, N)
+        assert_close(got["slots"], want["slots"], dtype, f"{dtype} slots")
+        assert_close(got["masks"], want["masks"], dtype, f"{dtype} masks")
+        names = ["slots", "features", *(name for name, _ in eager.named_parameters())]
+        assert names[2:] == [name for name, _ in module.named_parameters()]
+        got_grads = torch.autograd.grad((got["slots"], got["masks"]), (slots, features, *module.parameters()),
+                                        (grad_slots.to(dtype), grad_masks.to(dtype)))
+        for name, g, w in zip(names, got_grads, want_grads):
+            assert g.dtype == dtype
+            assert_close(g, w, dtype, f"{dtype} grad of {name}")
+
+
+def test_module_state_dict_round_trip_and_defaults():
+    """kdfast's state_dict loads into the eager module too; the defaults are videosaur's."""
+    module = SlotAttention(24, 16)
+    assert module.to_q.weight.shape == (16, 16) and module.mlp.layers[1].weight.shape == (64, 16)
+    assert module.n_iters == 3 and module.eps == 1e-8 and module.scale == 16**-0.5
+    expected = {
+        "to_q.weight", "to_k.weight", "to_v.weight", "gru.weight_ih", "gru.weight_hh", "gru.bias_ih", "gru.bias_hh",
+        "mlp.layers.0.weight", "mlp.layers.0.bias", "mlp.layers.1.weight", "mlp.layers.1.bias", "mlp.layers.3.weight",
+        "mlp.layers.3.bias", "norm_features.weight", "norm_features.bias", "norm_slots.weight", "norm_slots.bias",
+    }
+    assert set(module.state_dict()) == expected
+    eager = EagerSlotAttention(24, 16)
+    eager.load_state_dict(module.state_dict())
+    slots, features = rand(2, 5, 16), rand(2, 9, 24)
+    for n_iters in (None, 1, 2):
+        got, want = module(slots, features, n_iters=n_iters), eager(slots, features, n_iters=n_iters)
+        torch.testing.assert_close(got["slots"], want["slots"])
+        torch.testing.assert_close(got["masks"], want["masks"])
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_iterations_match_reference(device, backend):
+    """ops.slot_attention against reference.slot_attention: both GRU hidden states, gradients through every
+    iteration or the last only, values and gradients of slots, k, v and every parameter."""
+    eager = _eager_module(20, 16, {"kvq_dim": 12, "hidden_dim": 24}).to(device)
+    params = {name: leaf(p.detach()) for name, p in eager.named_parameters() if not name.startswith(("to_k", "to_v", "norm_f"))}
+    B, K, N = 2, 3, 29
+    for gru_hidden in ("normed", "prev"):
+        for grad_last_only in (False, True):
+            for dtype in (torch.float64, torch.float32):
+                slots, k, v = (leaf(rand(*shape, dtype=dtype, device=device)) for shape in ((B, K, 16), (B, N, 12), (B, N, 12)))
+                p = {name: leaf(t.to(dtype)) for name, t in params.items()}
+                got = ops.slot_attention(slots, k, v, p, 3, gru_hidden=gru_hidden, grad_last_only=grad_last_only, backend=backend)
+                inputs64 = [leaf(t.double()) for t in (slots, k, v)]
+                p64 = {name: leaf(t.double()) for name, t in p.items()}
+                want = reference.slot_attention(*inputs64, p64, 3, None, 1e-8, gru_hidden, grad_last_only)
+                what = f"{gru_hidden}, grad_last_only={grad_last_only}, {dtype}"
+                for name, g, w in zip(("slots", "masks"), got, want):
+                    assert g.dtype == dtype
+                    assert_close(g, w, dtype, f"{what}: {name}")
+                grad_out = (rand(B, K, 16, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
+                wrt = (slots, k, v, *p.values())
+                got_grads = torch.autograd.grad(got, wrt, grad_out, allow_unused=True)
+                want_grads = torch.autograd.grad(want, (*inputs64, *p64.values()), [g.double() for g in grad_out], allow_unused=True)
+                for name, g, w in zip(("slots", "k", "v", *p), got_grads, want_grads):
+                    if w is None:  # grad_last_only: the initial slots get no gradient
+                        assert g is None or not g.any(), f"{what}: grad of {name} should be zero"
+                        continue
+                    assert_close(g, w, dtype, f"{what}: grad of {name}")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_iterations_gradcheck(device, backend):
+    eager = _eager_module(6, 4, {"kvq_dim": 3, "hidden_dim": 5}).to(device)
+    names = [name for name, _ in eager.named_parameters() if not name.startswith(("to_k", "to_v", "norm_f"))]
+    params = [leaf(p.detach()) for name, p in eager.named_parameters() if name in names]
+    slots, k, v = (leaf(rand(*shape, dtype=torch.float64, device=device)) for shape in ((2, 3, 4), (2, 5, 3), (2, 5, 3)))
+
+    def fn(slots, k, v, *values):
+        return ops.slot_attention(slots, k, v, dict(zip(names, values)), 2, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (slots, k, v, *params))
+
+
+def test_module_compile_fullgraph_matches_eager():
+    module = SlotAttention(20, 16, kvq_dim=12, n_iters=2)
+    slots, features = leaf(rand(2, 5, 16)), leaf(rand(2, 37, 20))
+    compiled = torch.compile(module, fullgraph=True)
+    want, got = module(slots, features), compiled(slots, features)
+    for key in ("slots", "masks"):
+        torch.testing.assert_close(got[key], want[key])
+    wrt = (slots, features, *module.parameters())
+    grad_out = (rand(2, 5, 16), rand(2, 5, 37))
+    got_grads = torch.autograd.grad((got["slots"], got["masks"]), wrt, grad_out)
+    want_grads = torch.autograd.grad((want["slots"], want["masks"]), wrt, grad_out)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def _bad_iterations():
+    eager = EagerSlotAttention(8, 6, kvq_dim=4)
+    params = {name: p.detach() for name, p in eager.named_parameters()}
+    good = lambda: (rand(2, 3, 6), rand(2, 5, 4), rand(2, 5, 4), dict(params))
+    without = lambda key: (rand(2, 3, 6), rand(2, 5, 4), rand(2, 5, 4), {k: p for k, p in params.items() if k != key})
+    reshaped = lambda key: (rand(2, 3, 6), rand(2, 5, 4), rand(2, 5, 4), {**params, key: params[key][:-1]})
+    return [
+        ("slots rank", lambda: (rand(3, 6), *good()[1:]), {}, ValueError, r"slots must have 3 dimensions"),
+        ("k width", lambda: (rand(2, 3, 6), rand(2, 5, 5), rand(2, 5, 4), dict(params)), {}, ValueError, r"to_q.weight'\] must have shape \(5, 6\)"),
+        ("batch mismatch", lambda: (rand(3, 3, 6), *good()[1:]), {}, ValueError, r"batch size B must match"),
+        ("missing to_q", lambda: without("to_q.weight"), {}, ValueError, r"params is missing 'to_q.weight'"),
+        ("gru shape", lambda: reshaped("gru.weight_hh"), {}, ValueError, r"gru.weight_hh'\] must have shape \(18, 6\)"),
+        ("mlp part missing", lambda: without("mlp.layers.3.bias"), {}, ValueError, r"params is missing 'mlp.layers.3.bias'"),
+        ("params not a mapping", lambda: (*good()[:3], list(params.values())), {}, TypeError, r"params must be a mapping"),
+        ("integer param", lambda: (*good()[:3], {**params, "to_q.weight": torch.ones(4, 6, dtype=torch.int64)}), {}, TypeError, r"floating-point"),
+        ("n_iters 0", good, {"n_iters": 0}, ValueError, r"n_iters must be an integer >= 1"),
+        ("n_iters float", good, {"n_iters": 2.0}, ValueError, r"n_iters must be an integer >= 1"),
+        ("gru_hidden", good, {"gru_hidden": "last"}, ValueError, r"gru_hidden must be one of"),
+        ("eps nan", good, {"eps": float("nan")}, ValueError, r"eps must be a finite"),
+        ("scale inf", good, {"scale": float("inf")}, ValueError, r"scale must be a finite"),
+        ("backend", good, {"backend": "fast"}, ValueError, r"backend must be one of"),
+    ]
+
+
+@pytest.mark.parametrize(("make", "kwargs", "error", "message"), [c[1:] for c in _bad_iterations()], ids=[c[0] for c in _bad_iterations()])
+def test_iterations_bad_input_gets_a_clear_error(make, kwargs, error, message):
+    slots, k, v, params = make()
+    with pytest.raises(error, match=message):
+        ops.slot_attention(slots, k, v, params, **kwargs)
+
+
+def test_module_bad_options_get_a_clear_error():
+    with pytest.raises(ValueError, match=r"kvq_dim \(12\) must equal slot_dim \(16\)"):
+        SlotAttention(8, 16, kvq_dim=12, use_gru=False)
+    with pytest.raises(ValueError, match=r"n_iters must be an integer >= 1"):
+        SlotAttention(8, 16, n_iters=0)
+    with pytest.raises(ValueError, match=r"gru_hidden must be 'normed' or 'prev'"):
+        SlotAttention(8, 16, gru_hidden="h")

@@ -7,7 +7,7 @@ an autograd formula, so the ops work under autograd and torch.compile(fullgraph=
 
 from kdfast.ops.gini_kl import gini_impurity, gini_kl, gini_kl_from_statistics, gini_kl_statistics
 from kdfast.ops.lora import lora_attention, lora_linear, lora_qkv
-from kdfast.ops.slot_attention import slot_attention_core
+from kdfast.ops.slot_attention import slot_attention, slot_attention_core
 from kdfast.ops.slot_contrastive_loss import slot_contrastive_loss
 from kdfast.ops.slot_match import slot_assignment, slot_cosine_similarity, slot_match_loss
 
@@ -20,6 +20,7 @@ __all__ = [
     "lora_linear",
     "lora_qkv",
     "slot_assignment",
+    "slot_attention",
     "slot_attention_core",
     "slot_contrastive_loss",
     "slot_cosine_similarity",

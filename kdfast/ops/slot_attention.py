@@ -1,13 +1,25 @@
 """Slot attention (SlotContrast / videosaur grouper; design.md 3.1).
 
-    kdfast::slot_attention_core(q, k, v, scale, eps, backend) -> (updates (B, K, Dv), attn (B, K, N))
+    kdfast::slot_attention_core(q, k, v, scale, eps, return_attn, backend) -> (updates, attn, norm)
+    kdfast::slot_attention_core_backward(grad_updates, grad_attn?, q, k, v, updates, norm, scale, eps, backend)
+        -> (dq, dk, dv)
 
-Backends: reference (fused kernels land with the slot attention issue).
+``norm`` is Z (B, K), the per-slot sum of ``A + eps`` in the accumulator dtype: with q, k, v and the updates
+it is all the recomputing backward needs (never a (B, K, N) tensor). ``attn`` is (B, K, 0) when
+``return_attn`` is False, so the kernels skip the mask store.
+
+:func:`slot_attention` runs whole iterations (LayerNorm, q projection, the core, GRUCell, residual MLP)
+with the core as above and the small dense layers in torch.
+
+Backends: reference (kdfast.reference).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast import _backend, reference
@@ -17,69 +29,102 @@ from kdfast.ops._autograd import eager_or_traced
 _IMPLEMENTED = ("reference",)
 
 
-def _reference_core(q, k, v, scale, eps, backend):
-    return reference.slot_attention_core(q, k, v, scale, eps)
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _no_attn(q: Tensor, k: Tensor) -> Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], 0)
+
+
+def _reference_forward(q, k, v, scale, eps, return_attn):
+    updates, attn = reference.slot_attention_core(q, k, v, scale, eps)
+    acc = _acc(q.dtype)
+    logits = scale * torch.bmm(q.to(acc), k.to(acc).transpose(1, 2))
+    norm = (torch.softmax(logits, dim=1) + eps).sum(-1)
+    return updates, attn if return_attn else _no_attn(q, k), norm
+
+
+def _kernel_forward(q, k, v, scale, eps, return_attn, backend):
+    """(updates, attn or (B, K, 0), norm Z (B, K) in the accumulator dtype)."""
+    return _reference_forward(q, k, v, scale, eps, return_attn)
+
+
+def _kernel_backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps, backend):
+    return reference.slot_attention_core_backward(grad_updates, grad_attn, q, k, v, scale, eps)
 
 
 @torch.library.custom_op("kdfast::slot_attention_core", mutates_args=())
-def _slot_attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, eps: float, backend: str) -> tuple[Tensor, Tensor]:
-    updates, attn = reference.slot_attention_core(q, k, v, scale, eps)
-    return updates.contiguous(), attn.contiguous()
+def _slot_attention_core(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, eps: float, return_attn: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    outs = _kernel_forward(q, k, v, scale, eps, return_attn, backend)
+    return tuple(out.contiguous() for out in outs)
 
 
 @_slot_attention_core.register_fake
-def _(q, k, v, scale, eps, backend):
+def _(q, k, v, scale, eps, return_attn, backend):
     B, K, _ = q.shape
-    return q.new_empty(B, K, v.shape[2]), q.new_empty(B, K, k.shape[1])
+    N = k.shape[1] if return_attn else 0
+    return q.new_empty(B, K, v.shape[2]), q.new_empty(B, K, N), q.new_empty(B, K, dtype=_acc(q.dtype))
 
 
 @torch.library.custom_op("kdfast::slot_attention_core_backward", mutates_args=())
 def _slot_attention_core_backward(
-    grad_updates: Tensor, grad_attn: Tensor, q: Tensor, k: Tensor, v: Tensor, scale: float, eps: float, backend: str
+    grad_updates: Tensor,
+    grad_attn: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    updates: Tensor,
+    norm: Tensor,
+    scale: float,
+    eps: float,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grads = reference.slot_attention_core_backward(grad_updates, grad_attn, q, k, v, scale, eps)
+    grads = _kernel_backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps, backend)
     return tuple(grad.contiguous() for grad in grads)
 
 
 @_slot_attention_core_backward.register_fake
-def _(grad_updates, grad_attn, q, k, v, scale, eps, backend):
+def _(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _zero_grad_updates(q: Tensor, v: Tensor) -> Tensor:
+    return torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+
+
 def _core_setup(ctx, inputs, output):
-    q, k, v, ctx.scale, ctx.eps, ctx.backend = inputs
-    ctx.save_for_backward(q, k, v)
+    q, k, v, ctx.scale, ctx.eps, ctx.return_attn, ctx.backend = inputs
+    updates, _, norm = output
+    ctx.mark_non_differentiable(norm)
+    ctx.save_for_backward(q, k, v, updates, norm)
 
 
-def _core_backward(ctx, grad_updates, grad_attn):
-    q, k, v = ctx.saved_tensors
+def _core_backward(ctx, grad_updates, grad_attn, grad_norm):
+    q, k, v, updates, norm = ctx.saved_tensors
     if grad_updates is None:
-        grad_updates = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
-    if grad_attn is None:
-        grad_attn = torch.zeros(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
-    grads = _slot_attention_core_backward(grad_updates, grad_attn, q, k, v, ctx.scale, ctx.eps, ctx.backend)
-    return *grads, None, None, None
+        grad_updates = _zero_grad_updates(q, v)
+    if not ctx.return_attn:
+        grad_attn = None
+    grads = _slot_attention_core_backward(grad_updates, grad_attn, q, k, v, updates, norm, ctx.scale, ctx.eps, ctx.backend)
+    return *grads, None, None, None, None
 
 
 _slot_attention_core.register_autograd(_core_backward, setup_context=_core_setup)
 
 
-def slot_attention_core(
-    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, eps: float = 1e-8, *, backend: str | None = None
-) -> tuple[Tensor, Tensor]:
-    """One slot attention read-out: softmax over the slots, then a weighted mean of the values per slot.
+def _reference_core(q, k, v, scale, eps, return_attn, backend):
+    updates, attn = reference.slot_attention_core(q, k, v, scale, eps)
+    return updates, attn if return_attn else _no_attn(q, k), None
 
-    ``A = softmax_K(scale q k^T)``, ``U_i = sum_n (A[i,n] + eps) v_n / sum_n (A[i,n] + eps)``.
 
-    Args:
-        q: (B, K, D) slot queries. float16, bfloat16, float32 or float64.
-        k: (B, N, D) keys; v: (B, N, Dv) values; same device (mixed dtypes are promoted).
-        scale: logit scale, default D ** -0.5; eps: added to the attention before the weighted mean.
-        backend: ``auto`` or ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
+def _core(q, k, v, scale, eps, return_attn, backend):
+    return eager_or_traced(_reference_core, _slot_attention_core, q, k, v, scale, eps, return_attn, backend)
 
-    Returns:
-        updates (B, K, Dv) and the attention masks A (B, K, N, before eps), in the inputs' dtype.
-    """
+
+def _check_core_inputs(q: Tensor, k: Tensor, v: Tensor, eps: float) -> float:
     _validate.tensor("q", q, "(B, K, D)")
     _validate.tensor("k", k, "(B, N, D)")
     _validate.tensor("v", v, "(B, N, Dv)")
@@ -89,11 +134,178 @@ def slot_attention_core(
     _validate.same_size("batch size B", q=q.shape[0], k=k.shape[0], v=v.shape[0])
     _validate.same_size("query/key dimension D", q=q.shape[2], k=k.shape[2])
     _validate.same_size("number of inputs N", k=k.shape[1], v=v.shape[1])
-    scale = q.shape[2] ** -0.5 if scale is None else _validate.finite("scale", scale)
     eps = _validate.finite("eps", eps)
     if eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return eps
+
+
+def _resolve(backend: str | None, device_type: str) -> str:
+    return _backend.resolve("slot_attention_core", "_slot_attention_core_forward", backend, device_type, _IMPLEMENTED)
+
+
+def slot_attention_core(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    eps: float = 1e-8,
+    return_attn: bool = True,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """One slot attention read-out: softmax over the slots, then a weighted mean of the values per slot.
+
+    ``A = softmax_K(scale q k^T)``, ``U_i = sum_n (A[i,n] + eps) v_n / sum_n (A[i,n] + eps)``.
+
+    Args:
+        q: (B, K, D) slot queries. float16, bfloat16, float32 or float64.
+        k: (B, N, D) keys; v: (B, N, Dv) values; same device (mixed dtypes are promoted).
+        scale: logit scale, default D ** -0.5; eps: added to the attention before the weighted mean.
+        return_attn: also return the masks A (else None, and the kernels never write them).
+        backend: ``auto`` or ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
+
+    Returns:
+        updates (B, K, Dv) and the attention masks A (B, K, N, before eps) or None, in the inputs' dtype.
+    """
+    eps = _check_core_inputs(q, k, v, eps)
+    scale = q.shape[2] ** -0.5 if scale is None else _validate.finite("scale", scale)
+    if not isinstance(return_attn, bool):
+        raise TypeError(f"return_attn must be a bool, got {type(return_attn).__name__}")
     dtype = _validate.compute_dtype(q, k, v)
-    chosen = _backend.resolve("slot_attention_core", "_slot_attention_core_forward", backend, q.device.type, _IMPLEMENTED)
+    chosen = _resolve(backend, q.device.type)
     q, k, v = _validate.cast(dtype, q, k, v)
-    return eager_or_traced(_reference_core, _slot_attention_core, q, k, v, scale, eps, chosen)
+    updates, attn, _ = _core(q, k, v, scale, eps, return_attn, chosen)
+    return updates, attn if return_attn else None
+
+
+# ---------------------------------------------------------------------------------------------- iterations
+
+_LN_EPS = reference.LAYER_NORM_EPS
+
+
+def _check_params(params: Mapping, D: int, Dq: int, Dv: int, device: torch.device) -> dict[str, Tensor]:
+    """The iteration's parameters by videosaur state_dict key, each checked for shape and device."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a mapping of state_dict keys to tensors, got {type(params).__name__}")
+    required = {"norm_slots.weight": (D,), "norm_slots.bias": (D,), "to_q.weight": (Dq, D)}
+    optional = {"to_q.bias": (Dq,)}
+    if "gru.weight_ih" in params:
+        required.update({"gru.weight_ih": (3 * D, Dv), "gru.weight_hh": (3 * D, D)})
+        optional.update({"gru.bias_ih": (3 * D,), "gru.bias_hh": (3 * D,)})
+    elif Dv != D:
+        raise ValueError(f"without a GRU (no 'gru.weight_ih') the updates are added to the slots: v's width {Dv} must be D={D}")
+    if any(key.startswith("mlp.") for key in params):
+        Dh = params["mlp.layers.1.weight"].shape[0] if "mlp.layers.1.weight" in params else -1
+        for key, shape in {"mlp.layers.0.weight": (D,), "mlp.layers.0.bias": (D,), "mlp.layers.1.weight": (Dh, D),
+                           "mlp.layers.1.bias": (Dh,), "mlp.layers.3.weight": (D, Dh), "mlp.layers.3.bias": (D,)}.items():
+            required[key] = shape
+    checked = {}
+    for key, shape in [*required.items(), *optional.items()]:
+        value = params.get(key)
+        if value is None:
+            if key in required:
+                raise ValueError(f"params is missing {key!r} (a tensor of shape {shape})")
+            continue
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise TypeError(f"params[{key!r}] must be a floating-point tensor of shape {shape}, got {value!r:.80}")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"params[{key!r}] must have shape {shape}, got {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"params[{key!r}] must be on {device} like the slots, got {value.device}")
+        checked[key] = value
+    return checked
+
+
+def _step(slots, k, v, p, scale, eps, gru_hidden, return_attn, backend):
+    """One iteration in the slots' dtype; ``p`` already in that dtype."""
+    B, K, D = slots.shape
+    x = F.layer_norm(slots, (D,), p["norm_slots.weight"], p["norm_slots.bias"], _LN_EPS)
+    q = F.linear(x, p["to_q.weight"], p.get("to_q.bias"))
+    updates, attn, _ = _core(q, k, v, scale, eps, return_attn, backend)
+    hidden = x if gru_hidden == "normed" else slots
+    if "gru.weight_ih" in p:
+        h = torch.gru_cell(
+            updates.reshape(B * K, -1), hidden.reshape(B * K, D),
+            p["gru.weight_ih"], p["gru.weight_hh"], p.get("gru.bias_ih"), p.get("gru.bias_hh"),
+        ).view(B, K, D)
+    else:
+        h = hidden + updates
+    if "mlp.layers.1.weight" in p:
+        y = F.layer_norm(h, (D,), p["mlp.layers.0.weight"], p["mlp.layers.0.bias"], _LN_EPS)
+        y = F.linear(F.relu(F.linear(y, p["mlp.layers.1.weight"], p["mlp.layers.1.bias"])),
+                     p["mlp.layers.3.weight"], p["mlp.layers.3.bias"])
+        h = h + y
+    return h, attn
+
+
+def slot_attention(
+    slots: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: Mapping[str, Tensor],
+    n_iters: int = 3,
+    *,
+    scale: float | None = None,
+    eps: float = 1e-8,
+    gru_hidden: str = "normed",
+    grad_last_only: bool = False,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``n_iters`` slot attention iterations (videosaur ``SlotAttention.forward`` after the k/v projection).
+
+    Each iteration: ``x = LN(slots)``, ``q = to_q(x)``, ``U, A = core(q, k, v)``, ``h = GRUCell(U, hidden)``
+    (hidden = x for ``gru_hidden="normed"``, the incoming slots for ``"prev"``; ``h = hidden + U`` without a
+    GRU), ``slots = h + MLP(LN(h))`` (``slots = h`` without an MLP); see :func:`kdfast.reference.slot_attention`.
+    The core runs on the chosen backend; LayerNorm, the projections and the GRU run in torch. Only the last
+    iteration writes its masks.
+
+    Args:
+        slots: (B, K, D) initial slots; k: (B, N, Dq) keys; v: (B, N, Dv) values (projected once per forward).
+        params: videosaur state_dict keys -> tensors: ``norm_slots.weight/bias`` (D,), ``to_q.weight``
+            (Dq, D) [``to_q.bias``]; optional GRU ``gru.weight_ih`` (3D, Dv), ``gru.weight_hh`` (3D, D)
+            [``gru.bias_ih/hh`` (3D,)]; optional MLP ``mlp.layers.0.weight/bias`` (D,),
+            ``mlp.layers.1.weight`` (Dh, D), ``mlp.layers.1.bias`` (Dh,), ``mlp.layers.3.weight`` (D, Dh),
+            ``mlp.layers.3.bias`` (D,). Other keys are ignored.
+        n_iters: iterations, >= 1. scale: logit scale (default Dq ** -0.5). eps: the core's eps.
+        gru_hidden: ``"normed"`` or ``"prev"``.
+        grad_last_only: gradients reach k, v and params through the last iteration only (the first
+            ``n_iters - 1`` run without autograd; the slots entering the last are detached).
+        backend: the core's backend, as in :func:`slot_attention_core`.
+
+    Returns:
+        ``(slots, masks)``: (B, K, D) and the last iteration's attention (B, K, N), in the slots' dtype
+        (float16/bfloat16 slots compute in float32, as the reference does).
+    """
+    _validate.tensor("slots", slots, "(B, K, D)")
+    _validate.nonempty("slots", slots, "(B, K, D)")
+    _validate.tensor("k", k, "(B, N, Dq)")
+    _validate.tensor("v", v, "(B, N, Dv)")
+    _validate.same_device(slots=slots, k=k, v=v)
+    _validate.same_size("batch size B", slots=slots.shape[0], k=k.shape[0], v=v.shape[0])
+    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
+        raise ValueError(f"n_iters must be an integer >= 1, got {n_iters!r}")
+    _validate.choice("gru_hidden", gru_hidden, ("normed", "prev"))
+    if not isinstance(grad_last_only, bool):
+        raise TypeError(f"grad_last_only must be a bool, got {type(grad_last_only).__name__}")
+    B, K, D = slots.shape
+    Dq = k.shape[2]
+    p = _check_params(params, D, Dq, v.shape[2], slots.device)
+    eps = _check_core_inputs(slots.new_empty(B, K, Dq), k, v, eps)
+    scale = Dq**-0.5 if scale is None else _validate.finite("scale", scale)
+    out = slots.dtype
+    acc = _acc(_validate.compute_dtype(slots, k, v, *p.values()))
+    chosen = _resolve(backend, slots.device.type)
+    s, k, v = _validate.cast(acc, slots, k, v)
+    p = {key: value if value.dtype == acc else value.to(acc) for key, value in p.items()}
+    with torch.autocast(slots.device.type, enabled=False):
+        for it in range(n_iters):
+            last = it == n_iters - 1
+            if grad_last_only and not last:
+                with torch.no_grad():
+                    s, _ = _step(s, k, v, p, scale, eps, gru_hidden, False, chosen)
+                continue
+            if grad_last_only and n_iters > 1:
+                s = s.detach()
+            s, attn = _step(s, k, v, p, scale, eps, gru_hidden, last, chosen)
+    return s.to(out), attn.to(out)
