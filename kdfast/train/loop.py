@@ -115,7 +115,7 @@ def _schedule(config: TrainConfig) -> Callable[[int], float]:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         decay_steps = max(1, config.steps - config.warmup_steps)
-        progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+        progress = min(1.0, (step + 1 - config.warmup_steps) / decay_steps)  # the last step at the minimum
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
