@@ -250,9 +250,9 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
             scaler.update()
             scheduler.step()
             keys = [k for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
-            values = torch.stack([outputs[k].detach().float().reshape(()) for k in keys])
+            values = torch.stack([outputs[k].detach().double().reshape(()) for k in keys])
             # One all-reduce for all the logged scalars (the grad norm is already global after DDP's averaging).
-            values = torch.cat([distributed.mean(values, context), grad_norm.detach().float().reshape(1)])
+            values = torch.cat([distributed.mean(values, context), grad_norm.detach().double().reshape(1)])
             pending.append((step + 1, [*keys, "grad_norm"], values, lr))
             result.step = step + 1
             if timed_from is None:
