@@ -149,7 +149,15 @@ class StudentTask(nn.Module):
 
 @torch.no_grad()
 def evaluate(model: SlotVideoModel, encoder: nn.Module | None, held_out, device) -> dict[str, float]:
-    """Video FG-ARI and mBO of the decoder masks (upsampled to the frames) and inference frames per second."""
+    """Video FG-ARI and mBO of the decoder masks (upsampled to the frames) and inference frames per second.
+
+    The initial slots are drawn from a fixed seed (without disturbing the training RNG): scores are repeatable."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return _evaluate(model, encoder, held_out, device)
+
+
+def _evaluate(model: SlotVideoModel, encoder: nn.Module | None, held_out, device) -> dict[str, float]:
     model.eval()
     ari, mbo, frames, seconds = [], [], 0, 0.0
     for batch in data.evaluation_batches(held_out, 16):
