@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast.nn import SlotAttention, SlotContrastLoss, SlotMatchLoss
-from kdfast.train import data, metrics
+from kdfast.train import data, distributed, metrics
 from kdfast.train.loop import fit, load_model
 from kdfast.train.recipes._common import Options, apply_backend, config, finish, parameter_count, seed_everything
 
@@ -211,8 +211,7 @@ def run(options: Options) -> dict:
     if options.teacher is not None:
         step = load_model(teacher_task, options.teacher)
         teacher_row = {"model": "teacher", "trained": f"loaded ({options.teacher}, step {step})"}
-        device = next(teacher.parameters()).device if options.device == "auto" else torch.device(options.device)
-        device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else device)
+        device = distributed.device_for(options.device, distributed.setup(options.device))
         teacher_task.to(device)
     else:
         cfg = config(options, "slotmatch [teacher]", steps=STEPS, lr=LR, warmup_steps=50, items_per_sample=FRAMES)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast.models.vit import VisionTransformer
-from kdfast.train import data
+from kdfast.train import data, distributed
 from kdfast.train.loop import fit, load_model
 from kdfast.train.recipes._common import Options, apply_backend, config, finish, parameter_count, seed_everything
 from kdfast.wecolora import build_student, feature_distillation_loss, last_block_output
@@ -150,19 +150,16 @@ def run(options: Options) -> dict:
     seed_everything(options.seed)
     teacher, size, origin = _teacher(options, num_classes)
     teacher_task = ClassifierTask(teacher)
-    if options.teacher is not None and not options.teacher.startswith("timm:"):
-        step = load_model(teacher_task, Path(options.teacher))
-        origin = f"kdfast ViT loaded from {options.teacher} (step {step})"
-        device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if options.device == "auto" else options.device)
-        teacher.to(device)
-    elif options.teacher is None:
+    if options.teacher is None:
         cfg = config(options, "wecolora [teacher]", steps=TEACHER_STEPS, lr=1e-3, warmup_steps=30, weight_decay=0.05)
         result = fit(teacher_task, data.Batches(train, batch_size, options.seed), cfg, out / "teacher",
                      resume=options.resume)
         origin, device = f"kdfast ViT trained {result.step} steps (CE)", torch.device(result.device)
     else:
-        device = torch.device("cuda" if torch.cuda.is_available() and options.device != "cpu" else "cpu")
+        if not options.teacher.startswith("timm:"):
+            step = load_model(teacher_task, Path(options.teacher))
+            origin = f"kdfast ViT loaded from {options.teacher} (step {step})"
+        device = distributed.device_for(options.device, distributed.setup(options.device))
         teacher.to(device)
 
     few_shot = _few_shot(train, num_classes, FEW_SHOT_PER_CLASS)
