@@ -30,18 +30,20 @@ def launched_by_torchrun() -> bool:
 
 
 def setup(device: str | torch.device) -> Context:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA), or use one already initialised."""
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA), or use one already initialised.
+
+    ``device`` is the requested device (``auto``, ``cpu``, ``cuda``, ``cuda:i``): it picks the backend."""
     if dist.is_available() and dist.is_initialized():
         return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
     if not launched_by_torchrun():
         return Context()
     if not dist.is_available():
         raise RuntimeError("started by torchrun, but this torch has no torch.distributed")
-    device = torch.device(device)
+    on_cuda = str(device).startswith("cuda") or (str(device) == "auto" and torch.cuda.is_available())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
+    if on_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group("nccl" if on_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
     return Context(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
