@@ -6,8 +6,8 @@ Synthetic (no downloads; sample ``i`` of a split is a pure function of ``(seed, 
   with per-frame instance masks. Sample: ``{"video": (T, 3, H, W) float32 in [0, 1] (8-bit levels),
   "masks": (T, H, W) int64}``,
   mask 0 is the background, 1..n the objects (the same id in every frame).
-- :class:`Shapes`: classification images of one shape (``SHAPE_CLASSES``) with a random colour, size and position
-  on a noisy background. Sample: ``{"image": (3, H, W) float32 in [0, 1] (8-bit levels), "label": () int64}``.
+- :class:`Shapes`: classification images of one shape (``SHAPE_CLASSES``) with a random colour, size (``radius``,
+  a fraction of the image) and position on a noisy background (``noise``, the standard deviation). Sample: ``{"image": (3, H, W) float32 in [0, 1] (8-bit levels), "label": () int64}``.
 
 Real data (see :func:`open_video_data`, :func:`open_image_data`):
 
@@ -144,10 +144,12 @@ class Shapes(torch.utils.data.Dataset):
     num_classes = len(SHAPE_CLASSES)
 
     def __init__(self, num_samples: int = 10_000, size: int = 32, seed: int = 0, split: str = "train",
-                 cache: bool = True):
-        if num_samples < 1 or size < 8:
-            raise ValueError(f"Shapes: need num_samples >= 1 and size >= 8; got {num_samples}, {size}")
+                 cache: bool = True, noise: float = 0.3, radius: tuple[float, float] = (0.12, 0.3)):
+        if num_samples < 1 or size < 8 or noise < 0 or not 0 < radius[0] <= radius[1] <= 0.5:
+            raise ValueError(f"Shapes: need num_samples >= 1, size >= 8, noise >= 0 and 0 < radius <= 0.5; got "
+                             f"{num_samples}, {size}, {noise}, {radius}")
         self.num_samples, self.size, self.seed, self.split, self.cache = num_samples, size, seed, split, cache
+        self.noise, self.radius = noise, radius
         self._cache: dict[int, tuple[Tensor, int]] = {}
 
     def __len__(self) -> int:
@@ -167,12 +169,12 @@ class Shapes(torch.utils.data.Dataset):
         label = int(torch.randint(len(SHAPE_CLASSES), (1,), generator=g))
         y = torch.arange(self.size, dtype=torch.float32).view(-1, 1) + 0.5
         x = torch.arange(self.size, dtype=torch.float32).view(1, -1) + 0.5
-        r = _uniform(g, 0.12 * S, 0.3 * S)
+        r = _uniform(g, self.radius[0] * S, self.radius[1] * S)
         cy, cx = _uniform(g, float(r), float(S - r)), _uniform(g, float(r), float(S - r))
         inside = _shape_mask(SHAPE_CLASSES[label], y, x, cy, cx, r)
         colour = _hsv_to_rgb(_uniform(g, 0.0, 1.0), _uniform(g, 0.5, 1.0), _uniform(g, 0.6, 1.0))[0]
-        # Noise strong enough that small shapes are not trivial to tell apart (the gini recipe compares losses).
-        image = _uniform(g, 0.0, 0.5, 3).view(3, 1, 1) + 0.3 * torch.randn(3, self.size, self.size, generator=g)
+        # The default noise makes small shapes hard enough to tell apart that the gini recipe's runs can differ.
+        image = _uniform(g, 0.0, 0.5, 3).view(3, 1, 1) + self.noise * torch.randn(3, self.size, self.size, generator=g)
         image = torch.where(inside, colour.view(3, 1, 1), image)
         return (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8), label
 
