@@ -49,10 +49,12 @@ def test_slotmatch_recipe_and_teacher_from_a_checkpoint(tmp_path):
     teacher, student = report["rows"]
     assert teacher["parameters"] > student["parameters"] > 0
     for row in report["rows"]:
-        assert -1 <= row["video FG-ARI"] <= 1 and 0 <= row["video mBO"] <= 1 and row["frames/s (inference)"] > 0
+        for masks in ("decoder", "attention", "token-grid bound"):
+            assert -1 <= row[f"FG-ARI ({masks})"] <= 1 and 0 <= row[f"mBO ({masks})"] <= 1
+        assert row["frames/s (inference)"] > 0
     loaded = slotmatch.run(_options(tmp_path / "b", teacher=str(tmp_path / "a" / "teacher" / "checkpoint.pt")))
     assert loaded["rows"][0]["trained"].startswith("loaded")
-    assert loaded["rows"][0]["video FG-ARI"] == teacher["video FG-ARI"]  # the same teacher, the same videos
+    assert loaded["rows"][0]["FG-ARI (decoder)"] == teacher["FG-ARI (decoder)"]  # the same teacher and videos
 
 
 def test_wecolora_recipe(tmp_path):
@@ -100,7 +102,7 @@ def test_real_video_data(tmp_path):
     torch.testing.assert_close(clips[1]["features"], features[0, 4:8])
     assert "masks" not in data.open_video_data(tmp_path / "features.npy", num_frames=4)[0]
     report = slotmatch.run(_options(tmp_path / "run", data=str(tmp_path / "features.pt")))
-    assert report["tokens per frame"] == 16 and "video FG-ARI" in report["rows"][1]
+    assert report["tokens per frame"] == 16 and "FG-ARI (decoder)" in report["rows"][1]
 
     image = pytest.importorskip("PIL.Image")
     for v in range(2):
