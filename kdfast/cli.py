@@ -92,7 +92,11 @@ def _info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after it, --help included, belongs to report.py
+        args = argparse.Namespace(command="bench", rest=argv[1:])
+    else:
+        args = _parser().parse_args(argv)
     try:
         if args.command == "train":
             return _train(args)
