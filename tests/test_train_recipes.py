@@ -139,6 +139,13 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
 
 
-def test_python_m_kdfast_info():
-    out = subprocess.run([sys.executable, "-m", "kdfast", "info"], capture_output=True, text=True, check=True).stdout
+def test_kdfast_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
     assert "reference: available" in out and "torch:" in out
+
+
+def test_python_m_kdfast_runs_the_command():
+    command = [sys.executable, "-m", "kdfast", "train", "nope"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "unknown recipe 'nope'" in done.stderr
