@@ -25,7 +25,7 @@ def _small(monkeypatch):
     monkeypatch.setattr(wecolora, "PROBE_TRAIN", 36)
     monkeypatch.setattr(wecolora, "HELD_OUT", 24)
     monkeypatch.setattr(wecolora, "FEW_SHOT_PER_CLASS", 2)
-    monkeypatch.setattr(wecolora, "VIT", {**wecolora.VIT, "depth": 4, "embed_dim": 48})
+    monkeypatch.setattr(wecolora, "VIT", {**wecolora.VIT, "depth": 4, "embed_dim": 32})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -23,11 +23,11 @@ from kdfast.train.loop import fit, load_model
 from kdfast.train.recipes._common import Options, apply_backend, config, finish, parameter_count, seed_everything
 from kdfast.wecolora import build_student, feature_distillation_loss, last_block_output
 
-TEACHER_STEPS, STUDENT_STEPS, BATCH_SIZE, IMAGE_SIZE = 300, 200, 32, 32
+TEACHER_STEPS, STUDENT_STEPS, BATCH_SIZE, IMAGE_SIZE = 800, 200, 32, 32
 FEW_SHOT_PER_CLASS, PROBE_TRAIN, HELD_OUT, REDUCTION, RANK = 16, 600, 600, 2, 8
-VIT = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 96, "depth": 8, "num_heads": 3}
+VIT = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 2}
 # A ViT trained from scratch for a few minutes needs an easier task than the gini recipe's shapes to learn at all.
-EASY_SHAPES = {"noise": 0.15, "radius": (0.2, 0.4)}
+EASY_SHAPES = {"noise": 0.05, "radius": (0.25, 0.45)}
 
 
 class _Resize(nn.Module):
@@ -157,7 +157,7 @@ def run(options: Options) -> dict:
     teacher, size, origin = _teacher(options, num_classes)
     teacher_task = ClassifierTask(teacher)
     if options.teacher is None:
-        cfg = config(options, "wecolora [teacher]", steps=TEACHER_STEPS, lr=2e-3, warmup_steps=30, weight_decay=0.05)
+        cfg = config(options, "wecolora [teacher]", steps=TEACHER_STEPS, lr=1e-3, warmup_steps=30, weight_decay=0.05)
         result = fit(teacher_task, data.Batches(train, batch_size, options.seed), cfg, out / "teacher",
                      resume=options.resume)
         origin, device = f"kdfast ViT trained {result.step} steps (CE)", torch.device(result.device)
