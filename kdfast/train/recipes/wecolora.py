@@ -23,7 +23,7 @@ from kdfast.train.loop import fit, load_model
 from kdfast.train.recipes._common import Options, apply_backend, config, finish, parameter_count, seed_everything
 from kdfast.wecolora import build_student, feature_distillation_loss, last_block_output
 
-TEACHER_STEPS, STUDENT_STEPS, BATCH_SIZE, IMAGE_SIZE = 800, 200, 32, 32
+TEACHER_STEPS, STUDENT_STEPS, BATCH_SIZE, IMAGE_SIZE = 800, 600, 32, 32
 FEW_SHOT_PER_CLASS, PROBE_TRAIN, HELD_OUT, REDUCTION, RANK = 16, 600, 600, 2, 8
 VIT = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 2}
 # A ViT trained from scratch for a few minutes needs an easier task than the gini recipe's shapes to learn at all.
@@ -171,7 +171,7 @@ def run(options: Options) -> dict:
     few_shot = _few_shot(train, num_classes, FEW_SHOT_PER_CLASS)
     weight_copy = build_student(teacher, REDUCTION, RANK).to(device)  # B = 0: exactly the weight-copy student
     student = build_student(teacher, REDUCTION, RANK).to(device)
-    cfg = config(options, "wecolora [student]", steps=STUDENT_STEPS, lr=1e-3, warmup_steps=20)
+    cfg = config(options, "wecolora [student]", steps=STUDENT_STEPS, lr=2e-3, warmup_steps=20)
     result = fit(DistillTask(student, teacher, size), data.Batches(few_shot, min(batch_size, len(few_shot)),
                                                                    options.seed), cfg, out / "student",
                  resume=options.resume)
