@@ -224,6 +224,15 @@ def slot_contrastive_loss(
 
     i.e. for each slot j at t+1 a softmax over the slots i at t whose positive is i = j
     (SlotContrast: ``CrossEntropyLoss`` on the (S, S) logits with class axis i and target eye(S)).
+    It is computed as the same quantity in the form
+
+    .. math::
+
+        r_t[j] = \mathrm{logsumexp}_{i \ne j} (\mathrm{logits}_t[i, j] - \mathrm{logits}_t[j, j]), \qquad
+        \ell_t[j] = \mathrm{softplus}(r_t[j]) = \log(1 + e^{r_t[j]})
+
+    (:math:`r = -\infty` and :math:`\ell = 0` when S == 1), whose gradient with respect to the positive,
+    :math:`-\sigma(r)`, needs no :math:`p_{jj} - 1` either.
 
     Args:
         slots: (B, T, K, D) floating.
@@ -244,12 +253,23 @@ def slot_contrastive_loss(
     if batch_contrast:
         z = z.permute(1, 0, 2, 3).reshape(T, B * K, D)  # (T, S=B*K, D), i = b*K + k
         logits = torch.matmul(z[:-1], z[1:].transpose(-2, -1)) / temperature  # (T-1, S, S) [t, i, j]
-        terms = torch.logsumexp(logits, dim=-2) - torch.diagonal(logits, dim1=-2, dim2=-1)  # (T-1, S)
+        terms = _contrastive_terms(logits)  # (T-1, S)
     else:
         logits = torch.matmul(z[:, :-1], z[:, 1:].transpose(-2, -1)) / temperature  # (B, T-1, K, K)
-        terms = torch.logsumexp(logits, dim=-2) - torch.diagonal(logits, dim1=-2, dim2=-1)  # (B, T-1, K)
-        terms = terms.transpose(0, 1)  # (T-1, B, K)
+        terms = _contrastive_terms(logits).transpose(0, 1)  # (T-1, B, K)
     return _reduce(terms, reduction).to(out)
+
+
+def _contrastive_terms(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp_i logits[..., i, j] - logits[..., j, j] for (..., S, S) logits, as softplus(r) (see above)."""
+    S = logits.shape[-1]
+    diagonal = torch.diagonal(logits, dim1=-2, dim2=-1).unsqueeze(-2)  # (..., 1, S)
+    # When the positive dominates (a static scene at a low temperature), logsumexp and the diagonal are both
+    # ~1/tau while the loss is ~exp(-1/tau): their difference cancels every digit. Shifting by the diagonal
+    # first and leaving it out of the sum keeps the loss (and p_jj - 1 = -sigmoid(r)) to full precision.
+    positive = torch.eye(S, dtype=torch.bool, device=logits.device)
+    log_odds = torch.logsumexp((logits - diagonal).masked_fill(positive, float("-inf")), dim=-2)  # (..., S)
+    return torch.logaddexp(log_odds, torch.zeros_like(log_odds))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -757,21 +777,21 @@ def gini_kl_backward(
         dm[b, f] &= dS[f, y_b] / (n_{y_b} + \delta), \qquad
         da[b, f, h, w] = \mathrm{sign}(a[b, f, h, w])\, dm[b, f] / (H W)
 
-    The pooled features are summed in the accumulation dtype; the small (F, C) epilogue runs in float64 for
-    every input dtype, because ``h - sum_c' h p`` still cancels when h is nearly constant over the classes
-    present (uniform target, few classes): in float32 that alone costs up to ~1e-4 relative error.
+    Everything runs in float64 for every input dtype, the pooled features and class sums included, and the
+    result is rounded once to the activations' dtype: ``h - sum_c' h p`` still cancels when h is nearly constant
+    over the classes present (uniform target, few classes), so float32 rounding of the class sums alone would
+    cost up to ~1e-4 relative error. float32 (and half) inputs are exact in float64.
 
     Absent classes get no gradient (no sample reads them). Returns a tensor like ``activations``.
     """
     out = activations.dtype
-    acc = _acc_dtype(out)
-    a = _up(activations, acc)
+    epi = torch.float64
+    a = _up(activations, epi)
     B, Fdim = a.shape[0], a.shape[1]
     m = a.abs() if a.dim() == 2 else a.abs().flatten(2).mean(-1)  # (B, F)
     C = num_classes
-    epi = torch.float64
     counts = torch.zeros(C, dtype=epi, device=a.device).index_add(0, labels, torch.ones(B, dtype=epi, device=a.device))
-    class_sum = torch.zeros(C, Fdim, dtype=acc, device=a.device).index_add(0, labels, m).to(epi)
+    class_sum = torch.zeros(C, Fdim, dtype=epi, device=a.device).index_add(0, labels, m)
     S = (class_sum / (counts + delta).unsqueeze(1)).t()  # (F, C)
     Z = S.sum(dim=1, keepdim=True) + delta  # (F, 1)
     p = S / Z
@@ -782,7 +802,7 @@ def gini_kl_backward(
     h = -2.0 * g_gini * p / Fdim - g_kl * t / (P + delta)
     h = torch.where(counts > 0, h, torch.zeros_like(h))  # absent classes: p = 0 and nothing reads dS
     dS = (h - (h * p).sum(dim=1, keepdim=True)) / Z + g_kl * (t.sum() / P.sum()) * delta / (Z * Z)
-    dm = (dS / (counts + delta)).t()[labels].to(acc)  # (B, F)
+    dm = (dS / (counts + delta)).t()[labels]  # (B, F)
     if a.dim() == 2:
         return (torch.sign(a) * dm).to(out)
     spatial = a[0, 0].numel()
@@ -800,12 +820,13 @@ def gini_kl_statistics(
     activations: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The statistics of :func:`gini_kl`: ``class_sums[c, f] = sum_{b: y_b = c} m[b, f]`` (m the spatially
-    pooled ``|a|``) in the accumulation dtype, and ``counts[c] = n_c`` (int64)."""
-    acc = _acc_dtype(activations.dtype)
-    a = _up(activations, acc)
+    pooled ``|a|``) in float64 for every input dtype, and ``counts[c] = n_c`` (int64). float64 because the KL
+    gradient is ill-conditioned in the sums (see :func:`gini_kl_backward`); lower-precision inputs are exact in
+    it."""
+    a = _up(activations, torch.float64)
     m = a.abs() if a.dim() == 2 else a.abs().flatten(2).mean(-1)  # (B, F)
     counts = torch.bincount(labels, minlength=num_classes)
-    class_sums = torch.zeros(num_classes, a.shape[1], dtype=acc, device=a.device).index_add(0, labels, m)
+    class_sums = torch.zeros(num_classes, a.shape[1], dtype=torch.float64, device=a.device).index_add(0, labels, m)
     return class_sums, counts
 
 
@@ -813,10 +834,9 @@ def gini_kl_statistics_backward(
     grad_class_sums: torch.Tensor, activations: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
     r"""``da[b, f, h, w] = sign(a[b, f, h, w]) grad_class_sums[y_b, f] / (H W)``, laid out like
-    ``torch.empty_like(activations)``."""
-    acc = _acc_dtype(activations.dtype)
-    a = _up(activations, acc)
-    dm = grad_class_sums.to(acc)[labels]  # (B, F)
+    ``torch.empty_like(activations)``. Computed in float64, rounded once to the activations' dtype."""
+    a = _up(activations, torch.float64)
+    dm = grad_class_sums.to(torch.float64)[labels]  # (B, F)
     if a.dim() == 4:
         dm = (dm / a[0, 0].numel())[:, :, None, None]
     return torch.empty_like(activations).copy_(torch.sign(a) * dm)

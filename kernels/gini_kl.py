@@ -8,13 +8,16 @@ Statistics (the only stage that touches the activations a (B, F, H, W), once eac
 The forward sorts the batch by label on the host side (argsort and searchsorted of B and C integers; no host
 sync) so that the samples of a class are contiguous. Program (i, j) is the i-th sorted sample and the j-th block
 of features: the first sample of each class sums its whole class, in batch order, and writes that class's row;
-the other programs do nothing. No float atomics, so the result is the same bits on every run. Rows of absent
+the other programs do nothing. No float atomics, so the result is the same bits on every run. The sums are
+accumulated and stored in float64 for every input dtype (float32 inputs are exact in it). Rows of absent
 classes are the zeros the table is allocated with. The backward is one program per block of samples and
-features. Activations are read through their strides: channels-last, sliced and expanded maps need no copy.
+features, and rounds each gradient element once to the activations' dtype. Activations are read through their
+strides: channels-last, sliced and expanded maps need no copy.
 
-Finish (p, gini, q, kl from the small (C, F) table): float64 throughout, for every input dtype; the backward's
-projection h - sum_c h p cancels when h is nearly constant over the classes present, and float32 there costs up
-to ~1e-4 relative error (see kdfast.reference.gini_kl_backward). Classes with count 0 are absent: their rows are
+Finish (p, gini, q, kl from the small (C, F) table): float64 throughout, for every input dtype. The KL
+gradient's projection h - sum_c h p cancels when h is nearly constant over the classes present (uniform target,
+few classes), so float32 anywhere from the class sums on costs up to ~1e-4 relative error in it (see
+kdfast.reference.gini_kl_backward). Classes with count 0 are absent: their rows are
 not read and get gradient 0. Forward: one program per block of features (Z_f, the block's sum of 1 - sum_c p^2,
 its column sums of p), then one program that reduces the blocks in a fixed order (P_c, q, kl, gini); when F fits
 in one block the first kernel does both. Backward: one program per block of features writes grad_class_sums,
@@ -28,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import POISON, accumulator_dtype, block_size, device_guard, empty_output, is_fp64
+from ._launch import POISON, block_size, device_guard, empty_output
 
 # Tiles: (samples x features x positions) of the activations, at most 64 positions; (classes x features) of the
 # float64 table. On the GPU small enough for many programs and no spills; under the interpreter (CPU tensors)
@@ -57,7 +60,7 @@ def _class_sums_kernel(
     stride_ab, stride_af, stride_ah, stride_aw,
     stride_sc, stride_sf,
     inv_hw: tl.float64,
-    SPLIT_HW: tl.constexpr, IS_FP64: tl.constexpr,
+    SPLIT_HW: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     i = tl.program_id(0)
@@ -71,10 +74,9 @@ def _class_sums_kernel(
         n = tl.load(counts_ptr + c)
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
-        if IS_FP64:
-            tile = tl.full([BLOCK_J, BLOCK_F, BLOCK_HW], 0.0, tl.float64)
-        else:
-            tile = tl.full([BLOCK_J, BLOCK_F, BLOCK_HW], 0.0, tl.float32)
+        # float64 for every input dtype (exact for float32 and half inputs): the KL gradient is ill-conditioned
+        # in these sums. The adds are cheap next to the loads.
+        tile = tl.full([BLOCK_J, BLOCK_F, BLOCK_HW], 0.0, tl.float64)
         feature_offsets = offs_f[None, :] * stride_af
         arange_j = tl.arange(0, BLOCK_J)
         arange_hw = tl.arange(0, BLOCK_HW)
@@ -92,10 +94,10 @@ def _class_sums_kernel(
                 else:
                     positions = offs_hw * stride_aw
                 x = tl.load(rows + positions[None, None, :], mask=mask_rows & (offs_hw < HW)[None, None, :], other=0.0)
-                tile += tl.abs(x.to(tile.dtype))
+                tile += tl.abs(x.to(tl.float64))
         # the class sum of the samples' spatial means (sum, then one scaling)
-        sums = tl.reduce(tl.reduce(tile, 2, _sum_combine), 0, _sum_combine) * tl.full([], inv_hw, tile.dtype)
-        tl.store(sums_ptr + c * stride_sc + offs_f * stride_sf, sums.to(sums_ptr.dtype.element_ty), mask=mask_f)
+        sums = tl.reduce(tl.reduce(tile, 2, _sum_combine), 0, _sum_combine) * inv_hw
+        tl.store(sums_ptr + c * stride_sc + offs_f * stride_sf, sums, mask=mask_f)
 
 
 @triton.jit
@@ -106,7 +108,7 @@ def _class_sums_bwd_kernel(
     stride_ab, stride_af, stride_ah, stride_aw,
     stride_db, stride_df, stride_dh, stride_dw,
     inv_hw: tl.float64,
-    SPLIT_HW: tl.constexpr, IS_FP64: tl.constexpr,
+    SPLIT_HW: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     # BLOCK_B samples x BLOCK_F features, all their positions. Offsets stay affine in the aranges, so the compiler
@@ -121,11 +123,8 @@ def _class_sums_bwd_kernel(
     g = tl.load(
         grad_sums_ptr + c[:, None] * stride_gc + offs_f[None, :] * stride_gf, mask=mask_bf & valid[:, None], other=0.0,
     )
-    if IS_FP64:
-        g = g.to(tl.float64)
-    else:
-        g = g.to(tl.float32)
-    g = (g * tl.full([], inv_hw, g.dtype))[:, :, None]
+    # g / (H W) in float64, rounded once to the gradient's dtype; sign(a) * g is then exact in it
+    g = (g.to(tl.float64) * inv_hw).to(grad_a_ptr.dtype.element_ty)[:, :, None]
     a_rows = (a_ptr + offs_b[:, None] * stride_ab + offs_f[None, :] * stride_af)[:, :, None]
     grad_rows = (grad_a_ptr + offs_b[:, None] * stride_db + offs_f[None, :] * stride_df)[:, :, None]
     mask_rows = mask_bf[:, :, None]
@@ -141,7 +140,7 @@ def _class_sums_bwd_kernel(
             positions = offs_hw * stride_aw
             grad_positions = offs_hw * stride_dw
         mask = mask_rows & (offs_hw < HW)[None, None, :]
-        x = tl.load(a_rows + positions[None, None, :], mask=mask, other=0.0).to(g.dtype)
+        x = tl.load(a_rows + positions[None, None, :], mask=mask, other=0.0)
         # torch.sign: 0 at 0, NaN at NaN
         sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
         tl.store(grad_rows + grad_positions[None, None, :], (sign * g).to(grad_a_ptr.dtype.element_ty), mask=mask)
@@ -380,8 +379,8 @@ def gini_kl_statistics_forward(activations, labels, num_classes: int):
     """Per-class sums of the spatially pooled |activations|, and the class counts.
 
     activations: (B, F, H, W) or (B, F), float16, bfloat16, float32 or float64, any strides; labels: (B,) int64
-    in [0, num_classes) (not checked here). Returns (class_sums (C, F) in the accumulator dtype, float32 or
-    float64; counts (C,) int64). One kernel launch after a few small integer ops on the labels.
+    in [0, num_classes) (not checked here). Returns (class_sums (C, F) float64, accumulated in float64 for every
+    input dtype; counts (C,) int64). One kernel launch after a few small integer ops on the labels.
     """
     B, F = activations.shape[:2]
     C = num_classes
@@ -393,7 +392,7 @@ def gini_kl_statistics_forward(activations, labels, num_classes: int):
     starts = bounds[:-1]
     counts = bounds[1:] - starts
     # Zeros, not poison: the rows of absent classes are never written and must read 0.
-    sums = torch.zeros((C, F), dtype=accumulator_dtype(activations.dtype), device=activations.device)
+    sums = torch.zeros((C, F), dtype=torch.float64, device=activations.device)
     block_j, block_f, block_hw = _activation_blocks(B, F, HW, _where(activations))
     with device_guard(activations):
         _class_sums_kernel[(B, triton.cdiv(F, block_f))](
@@ -402,7 +401,7 @@ def gini_kl_statistics_forward(activations, labels, num_classes: int):
             activations.stride(0), activations.stride(1), stride_h, stride_w,
             sums.stride(0), sums.stride(1),
             1.0 / HW,
-            SPLIT_HW=split, IS_FP64=is_fp64(activations.dtype), BLOCK_J=block_j, BLOCK_F=block_f, BLOCK_HW=block_hw,
+            SPLIT_HW=split, BLOCK_J=block_j, BLOCK_F=block_f, BLOCK_HW=block_hw,
         )
     return sums, counts
 
@@ -411,7 +410,8 @@ def gini_kl_statistics_backward(grad_class_sums, activations, labels):
     """grad_activations = sign(activations) * grad_class_sums[labels] / (H * W), broadcast over H and W.
 
     grad_class_sums: (C, F), any floating dtype and strides; activations and labels as in the forward. Returns a
-    tensor laid out like ``torch.empty_like(activations)`` (channels-last stays channels-last). One launch.
+    tensor in the activations' dtype, each element rounded once from float64, laid out like
+    ``torch.empty_like(activations)`` (channels-last stays channels-last). One launch.
     """
     B, F = activations.shape[:2]
     grad = _empty_like(activations)
@@ -425,7 +425,7 @@ def gini_kl_statistics_backward(grad_class_sums, activations, labels):
             activations.stride(0), activations.stride(1), stride_h, stride_w,
             grad.stride(0), grad.stride(1), grad_stride_h, grad_stride_w,
             1.0 / HW,
-            SPLIT_HW=split, IS_FP64=is_fp64(activations.dtype), BLOCK_B=block_b, BLOCK_F=block_f, BLOCK_HW=block_hw,
+            SPLIT_HW=split, BLOCK_B=block_b, BLOCK_F=block_f, BLOCK_HW=block_hw,
         )
     return grad
 

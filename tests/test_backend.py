@@ -43,8 +43,8 @@ def test_explicit_backend_is_strict():
         ops.slot_match_loss(x, x, backend="cuda")
     with pytest.raises(ValueError, match=r"backend='cpp' cannot run here: the cpp backend runs on cpu tensors"):
         resolve_match_loss("cpp", "cuda")
-    with pytest.raises(ValueError, match=r"has no cpp implementation"):
-        ops.slot_attention_core(x, x, x, backend="cpp")
+    with pytest.raises(ValueError, match=r"has no cuda implementation"):
+        ops.slot_attention_core(x, x, x, backend="cuda")
 
 
 def test_unknown_backend_names_its_source(monkeypatch):

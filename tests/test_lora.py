@@ -11,7 +11,7 @@ from kdfast import ops, reference
 from kdfast.ops import lora
 
 CASES = implemented_cases(lora._IMPLEMENTED)
-# (leading shape of x, in_features I, out_features O, rank r): ranks 1, 7 and 64 (over I), odd I and O,
+# (leading shape of x, in_features I, out_features O, rank r): ranks 1, 7, 64 (over I) and 128, odd I and O,
 # x of shape (I,), (N, I), (B, T, I) and (B, T, S, I), singletons.
 LINEAR_SHAPES = [
     ((1, 1), 1, 1, 1),
@@ -20,6 +20,7 @@ LINEAR_SHAPES = [
     ((2, 9), 19, 23, 7),
     ((2, 3, 4), 9, 17, 7),
     ((3, 17), 48, 37, 64),
+    ((2, 5), 131, 67, 128),
 ]
 # (B, T, C, H): single head, odd T, head_dim 3, 4 and 12.
 QKV_SHAPES = [(1, 1, 4, 1), (2, 5, 12, 3), (2, 7, 48, 4)]
@@ -27,6 +28,13 @@ QKV_SHAPES = [(1, 1, 4, 1), (2, 5, 12, 3), (2, 7, 48, 4)]
 SLICES = {"qkv": (True, True, True), "qv": (True, False, True), "k": (False, True, False), "none": (False, False, False)}
 
 
+
+
+def fast_mode(backend: str) -> bool:
+    """gradcheck's fast mode (one random direction instead of the full Jacobian) for Triton on CPU tensors: the
+    interpreter costs milliseconds per launch and a full Jacobian takes two forwards per input element (minutes
+    for these ops). The reference backend gets the full check."""
+    return backend == "triton" and not torch.cuda.is_available()
 
 
 def as64(t):
@@ -177,7 +185,7 @@ def test_linear_custom_op_with_a_seed_is_a_deterministic_function(device, backen
     assert torch.equal(first, op(x, weight, b, a, bb, 0.9, 0.4, seed, backend))
     assert not torch.equal(first, op(x, weight, b, a, bb, 0.9, 0.4, seed + 1, backend))
     fn = lambda x, w, b, a, bb: op(x, w, b, a, bb, 0.9, 0.4, seed, backend)
-    assert torch.autograd.gradcheck(fn, (x, weight, b, a, bb))
+    assert torch.autograd.gradcheck(fn, (x, weight, b, a, bb), fast_mode=fast_mode(backend))
 
 
 # ---------------------------------------------------------------------------------------------- lora_qkv
@@ -311,7 +319,7 @@ def test_gradcheck(device, backend):
             fn = lambda x, w, b, a, bb: ops.lora_linear(x, w, b, a, bb, 0.7, backend=backend)
         else:
             fn = lambda x, w, a, bb: ops.lora_linear(x, w, None, a, bb, 0.7, backend=backend)
-        assert torch.autograd.gradcheck(fn, tuple(tensors))
+        assert torch.autograd.gradcheck(fn, tuple(tensors), fast_mode=fast_mode(backend))
     for slices, bias in (("qkv", True), ("qv", False)):
         x, w_qkv, b_qkv, pairs = qkv_inputs(1, 3, 4, SLICES[slices], bias=bias, r=1, dtype=torch.float64, device=device)
         on = [i for i, pair in enumerate(pairs) if pair is not None]
@@ -323,7 +331,7 @@ def test_gradcheck(device, backend):
                 pairs[i] = (rest[2 * j], rest[2 * j + 1])
             return ops.lora_qkv(x, w_qkv, b_qkv, *pairs, scale=0.5, num_heads=2, backend=backend)
 
-        assert torch.autograd.gradcheck(fn, tuple(flat(x, w_qkv, b_qkv, pairs)))
+        assert torch.autograd.gradcheck(fn, tuple(flat(x, w_qkv, b_qkv, pairs)), fast_mode=fast_mode(backend))
     module = TimmLoRAAttention(4, 2, 1).to(device)
     x = leaf(rand(1, 3, 4, dtype=torch.float64, device=device))
     names = list(dict(module.named_parameters()))
@@ -331,7 +339,7 @@ def test_gradcheck(device, backend):
     def attention(x, *params):
         return torch.func.functional_call(module, dict(zip(names, params)), (x,), {"backend": backend})
 
-    assert torch.autograd.gradcheck(attention, (x, *module.parameters()))
+    assert torch.autograd.gradcheck(attention, (x, *module.parameters()), fast_mode=fast_mode(backend))
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -376,7 +384,7 @@ def test_custom_ops_autograd_match_reference(device, backend):
     def qkv(x, w_qkv, b_qkv, a_q, b_q, a_v, b_v):
         return kd.lora_qkv.default(x, w_qkv, b_qkv, a_q, b_q, None, None, a_v, b_v, 0.5, 2, backend)
 
-    assert torch.autograd.gradcheck(qkv, tuple(flat(x, w_qkv, b_qkv, pairs)))
+    assert torch.autograd.gradcheck(qkv, tuple(flat(x, w_qkv, b_qkv, pairs)), fast_mode=fast_mode(backend))
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -409,17 +417,28 @@ def test_opcheck_qkv(device, backend):
         torch.library.opcheck(kd.lora_qkv_backward.default, (*grads, *plain, 0.5, 2, frozen, backend))
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_compile_fullgraph_matches_eager(device, backend):
     module = TimmLoRAAttention(12, 3, 2, dtype=torch.float32)
     x = leaf(rand(2, 5, 12))
     compiled = torch.compile(module, fullgraph=True)
-    eager = module(x)
-    got = compiled(x)
+    eager = module(x, backend=backend)
+    got = compiled(x, backend=backend)
     torch.testing.assert_close(got, eager)
     grad_out = rand(2, 5, 12)
     wrt = (x, *module.parameters())
     for g, e in zip(grads_of(got, wrt, grad_out), grads_of(eager, wrt, grad_out)):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "triton"])
+def test_triton_dropout_size_limit_names_the_fallback(device, backend, monkeypatch):
+    monkeypatch.setattr(lora._kernels(), "MAX_NUMEL", 20)
+    x, weight, b, a, bb = linear_inputs((3, 7), 5, 4, 2, device=device)
+    with pytest.raises(ValueError, match=r"at most 20 elements, got 105; use backend='reference'"):
+        ops.lora_linear(x, weight, b, a, bb, 1.0, 0.5, backend=backend)
+    # Without dropout (or not training) there is no counter, so no limit.
+    ops.lora_linear(x, weight, b, a, bb, 1.0, 0.5, training=False, backend=backend)
 
 
 def test_autocast_mixed_dtypes_compute_in_float32():

@@ -16,7 +16,8 @@ slot_attention_module = importlib.import_module("kdfast.ops.slot_attention")
 
 CASES = implemented_cases(slot_attention_module._IMPLEMENTED)
 # (B, K, N, D, Dv): singletons, N = 1, K = 1, D not a power of two (48, 96), N not a multiple of a tile (37),
-# values of another width than the keys, the SlotContrast movi-c slot count (11).
+# values of another width than the keys, the SlotContrast movi-c slot count (11), the Triton limits (K = 64,
+# D = Dv = 256).
 SHAPES = [
     (1, 1, 1, 1, 1),
     (2, 3, 1, 16, 16),
@@ -24,6 +25,8 @@ SHAPES = [
     (2, 7, 37, 48, 48),
     (3, 11, 64, 96, 96),
     (2, 5, 37, 48, 20),
+    (1, 64, 20, 16, 16),
+    (1, 3, 9, 256, 256),
 ]
 
 
@@ -501,6 +504,8 @@ def test_iterations_match_reference(device, backend):
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
 def test_iterations_gradcheck(device, backend):
+    """fp64 gradcheck through two iterations, every input and parameter at once (fast mode: a random projection
+    of the Jacobian, as each full Jacobian column would be two more runs of the interpreted kernels)."""
     eager = _eager_module(6, 4, {"kvq_dim": 3, "hidden_dim": 5}).to(device)
     names = [name for name, _ in eager.named_parameters() if not name.startswith(("to_k", "to_v", "norm_f"))]
     params = [leaf(p.detach()) for name, p in eager.named_parameters() if name in names]
@@ -509,7 +514,7 @@ def test_iterations_gradcheck(device, backend):
     def fn(slots, k, v, *values):
         return ops.slot_attention(slots, k, v, dict(zip(names, values)), 2, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (slots, k, v, *params))
+    assert torch.autograd.gradcheck(fn, (slots, k, v, *params), fast_mode=True)
 
 
 def test_module_compile_fullgraph_matches_eager():
@@ -565,3 +570,66 @@ def test_module_bad_options_get_a_clear_error():
         SlotAttention(8, 16, n_iters=0)
     with pytest.raises(ValueError, match=r"gru_hidden must be 'normed' or 'prev'"):
         SlotAttention(8, 16, gru_hidden="h")
+
+
+# ------------------------------------------------------------------------------------------ kernel specifics
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_without_masks(device, backend):
+    """return_attn=False: no masks, the same updates and gradients."""
+    q, k, v = inputs(2, 5, 37, 48, 20, device=device)
+    updates, attn = ops.slot_attention_core(q, k, v, return_attn=False, backend=backend)
+    assert attn is None
+    ref = reference.slot_attention_core(q.double(), k.double(), v.double())[0]
+    assert_close(updates, ref, torch.float32, "updates without masks")
+    grad_out = rand(2, 5, 20, device=device)
+    for name, g, w in zip("qkv", grads_of(updates, (q, k, v), grad_out), grads_of(ref, (q, k, v), grad_out)):
+        assert_close(g, w, torch.float32, f"grad of {name} without masks")
+
+
+@pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "triton"])
+@pytest.mark.parametrize("return_attn", [True, False])
+def test_triton_tiles_and_chunks_cover_every_token(device, backend, return_attn):
+    """Small forced tiles: several chunks per batch element (partial sums reduced in order), several tiles per
+    chunk, a partial last tile and chunk, K padded to 16 and D, Dv to powers of two."""
+    kernels = importlib.import_module("kdfast.kernels.slot_attention")
+    B, K, N, D, Dv = 2, 7, 77, 24, 40
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = inputs(B, K, N, D, Dv, dtype=dtype, device=device)
+        k = leaf(rand(B, D, N, dtype=dtype, device=device)).transpose(1, 2)  # strided keys
+        q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
+        ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, 0.4, 1e-8)
+        grad_updates = rand(B, K, Dv, dtype=dtype, device=device)
+        grad_attn = rand(B, K, N, dtype=dtype, device=device) if return_attn else None
+        want = torch.autograd.grad(
+            [ref_updates, ref_attn] if return_attn else [ref_updates], (q64, k64, v64),
+            [grad_updates.double(), grad_attn.double()] if return_attn else [grad_updates.double()],
+        )
+        for block_n, chunk in ((16, 32), (16, 16), (32, 96)):
+            with torch.no_grad():
+                updates, attn, norm = kernels.slot_attention_core_forward(q, k, v, 0.4, 1e-8, return_attn, block_n, chunk)
+                grads = kernels.slot_attention_core_backward(
+                    grad_updates, grad_attn, q, k, v, updates, norm, 0.4, 1e-8, block_n, chunk
+                )
+            what = f"{dtype}, block_n={block_n}, chunk={chunk}"
+            assert_close(updates, ref_updates, dtype, f"{what}: updates")
+            assert_close(norm, (ref_attn + 1e-8).sum(-1), dtype, f"{what}: norm")
+            if return_attn:
+                assert_close(attn, ref_attn, dtype, f"{what}: attention")
+            else:
+                assert attn.shape == (B, K, 0)
+            for name, g, w in zip("qkv", grads, want):
+                assert_close(g, w, dtype, f"{what}: grad of {name}")
+
+
+@pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "triton"])
+def test_triton_limits_name_the_fallback(device, backend):
+    kernels = importlib.import_module("kdfast.kernels.slot_attention")
+    q = rand(1, kernels.MAX_SLOTS + 1, 8, device=device)
+    k, v = rand(1, 5, 8, device=device), rand(1, 5, 8, device=device)
+    with pytest.raises(ValueError, match=r"triton backend handles K <= 64 slots .* use backend='cpp'"):
+        ops.slot_attention_core(q, k, v, backend="triton")
+    wide = rand(1, 3, kernels.MAX_DIM + 1, device=device)
+    with pytest.raises(ValueError, match=r"D, Dv <= 256"):
+        ops.slot_attention_core(wide, rand(1, 5, kernels.MAX_DIM + 1, device=device), v, backend="triton")

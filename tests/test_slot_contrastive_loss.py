@@ -94,29 +94,59 @@ def test_single_frame_has_no_pairs(device, backend, batch_contrast, reduction):
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
 def test_identical_slots_across_frames_are_finite(device, backend):
-    """A static scene: every frame has the same slots (positives at cosine 1), at the smallest temperature."""
+    """A static scene: every frame has the same slots (positives at cosine 1), at the smallest temperature.
+    The loss is ~exp(-1/tau) ~ 1e-5 there, the difference of two values ~1/tau = 20 in the paper's form: every
+    backend must compute it (and the positive's gradient, p[j, j] - 1) without that cancellation."""
     frame = rand(2, 1, 7, 24, device=device)
     for dtype in (torch.float64, torch.float32):
         slots = leaf(frame.expand(2, 4, 7, 24).to(dtype).contiguous())
+        slots64 = leaf(slots.double())
         for batch_contrast in (True, False):
             for temperature in (0.05, 1.0):
-                out = ops.slot_contrastive_loss(slots, temperature, batch_contrast, backend=backend)
-                (got,) = torch.autograd.grad(out, slots)
-                assert torch.isfinite(out) and torch.isfinite(got).all()
-                if dtype == torch.float32 and temperature == 0.05:
-                    # The loss is logsumexp - diagonal, both ~1/tau = 20, with a difference ~1e-5: float32
-                    # rounding alone leaves a relative error ~1e-2 in any implementation. Finite is the check.
-                    continue
-                ref = reference.slot_contrastive_loss(slots.double(), temperature, batch_contrast)
-                (want,) = torch.autograd.grad(ref, slots)
-                what = f"{dtype} tau={temperature} batch_contrast={batch_contrast}"
-                # The same cancellation in float64: each term lse - l[j, j] is computed from values ~1/tau and
-                # rounded to a few ulps of 1/tau, the reference's included, so two correct implementations can
-                # differ by more than TOLERANCE relative to a small loss. The bound is that rounding.
-                rounding = 4 * torch.finfo(dtype).eps * (1 / temperature) / ref.abs().item()
-                error = relative_error(out, ref)
-                assert error <= max(TOLERANCE[dtype], rounding), f"{what} loss: relative error {error:.3g}"
-                assert_close(got, want, dtype, f"{what} grad")
+                # mean: the fused forward-backward on cpp; none: the forward's statistics, then the backward
+                for reduction in ("mean", "none"):
+                    what = f"{dtype} tau={temperature} batch_contrast={batch_contrast} {reduction}"
+                    out = ops.slot_contrastive_loss(slots, temperature, batch_contrast, reduction, backend=backend)
+                    ref = reference.slot_contrastive_loss(slots64, temperature, batch_contrast, reduction)
+                    assert torch.isfinite(out).all(), what
+                    assert_close(out, ref, dtype, f"{what} loss")
+                    grad_out = rand(*ref.shape, dtype=dtype, device=device).abs()
+                    (got,), (want,) = grads_of(out, (slots,), grad_out), grads_of(ref, (slots64,), grad_out)
+                    assert torch.isfinite(got).all(), what
+                    assert_close(got, want, dtype, f"{what} grad")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_dominant_positive_loss_is_exp_of_the_log_odds(device, backend):
+    """Orthonormal slots repeated across frames: l[j, j] = 1/tau, every other logit 0, so
+    loss = log(1 + (S - 1) exp(-1/tau)) in closed form: ~3e-43 for S = 10 at tau = 0.01, which the paper's
+    form (logsumexp - diagonal) rounds to 0 even in float64 (float32 only at temperatures where the loss is a
+    normal float32)."""
+    B, T, K, D = 2, 3, 5, 16
+    basis = torch.linalg.qr(rand(D, D, dtype=torch.float64, device=device))[0][: B * K]  # (S, D) orthonormal rows
+    slots = (basis * rand(B * K, 1, dtype=torch.float64, device=device).abs()).reshape(B, 1, K, D).expand(B, T, K, D)
+    for dtype, temperatures in ((torch.float64, (0.01, 0.05, 0.2)), (torch.float32, (0.05, 0.2))):
+        for tau in temperatures:
+            for batch_contrast in (True, False):
+                S = B * K if batch_contrast else K
+                want = math.log1p((S - 1) * math.exp(-1 / tau))
+                out = ops.slot_contrastive_loss(slots.to(dtype), tau, batch_contrast, "none", backend=backend)
+                assert torch.isfinite(out).all() and (out > 0).all()
+                assert_close(out, torch.full(out.shape, want, dtype=torch.float64), dtype, f"{dtype} tau={tau}")
+
+
+@pytest.mark.parametrize("batch_contrast", [True, False], ids=["batch", "per-element"])
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_single_slot_has_no_negatives(device, backend, batch_contrast):
+    """S == 1 (one slot, no other batch element to contrast with): the softmax has one class, loss 0 and a zero
+    gradient, without NaN (the log-sum-exp over no negatives is -inf)."""
+    for dtype in (torch.float64, torch.float32):
+        slots = leaf(rand(1, 4, 1, 9, dtype=dtype, device=device))
+        for reduction in REDUCTIONS:
+            out = ops.slot_contrastive_loss(slots, 0.05, batch_contrast, reduction, backend=backend)
+            assert torch.equal(out, torch.zeros_like(out)), reduction
+            (grad,) = grads_of(out, (slots,), rand(*out.shape, dtype=dtype, device=device))
+            assert torch.equal(grad, torch.zeros_like(grad)), reduction
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)

@@ -1,7 +1,10 @@
 // CPU kernels of the Gini impurity / KL reductions (design.md 3.4).
 //
 // Statistics: class_sums[c, f] = sum_{b: y_b = c} mean_{h,w} |a[b, f, h, w]| and counts[c], one pass over the
-// activations; the backward writes sign(a) * grad_class_sums[y_b, f] / (H W) in one pass. Threads own blocks
+// activations, accumulated and returned in float64 for every input dtype (float lanes widened to double lanes;
+// float32 inputs are exact in float64): the KL gradient is ill-conditioned in these sums, and float32 sums alone
+// would cost it up to ~1e-4 relative error. The backward writes sign(a) * grad_class_sums[y_b, f] / (H W) in one
+// pass, each element rounded once to the activations' dtype. Threads own blocks
 // of features and walk the batch in order, so every sum has one fixed order: the same bits on every run and for
 // every number of threads, without a reduction across threads. The activations are read through their strides
 // (channels-last and (B, F) rows are walked with the features innermost, NCHW with the positions innermost).
@@ -77,12 +80,17 @@ struct Vec {
 // (out of line they would be compiled for the baseline, with 64-byte vectors emulated: many times slower).
 #define KDFAST_VEC_INLINE inline __attribute__((always_inline))
 
-// |p[0 : lanes]| as a vector of the accumulate type T (converted from half/bfloat16 if needed); NaN stays NaN.
+// |p[0 : lanes]| as a vector of the accumulate type T (float lanes widened in registers, half/bfloat16 converted
+// one by one); NaN stays NaN.
 template <typename T, typename scalar_t>
 KDFAST_VEC_INLINE typename Vec<T>::type load_abs(const scalar_t* p) {
   typename Vec<T>::type v;
   if constexpr (std::is_same_v<T, scalar_t>) {
     std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    typename Vec<float, Vec<T>::lanes * sizeof(float)>::type narrow;
+    std::memcpy(&narrow, p, sizeof(narrow));
+    v = __builtin_convertvector(narrow, typename Vec<T>::type);
   } else {
     T tmp[Vec<T>::lanes];
     for (int64_t l = 0; l < Vec<T>::lanes; ++l) {
@@ -127,38 +135,37 @@ KDFAST_VEC_INLINE T abs_sum(const scalar_t* x, int64_t HW) {
 }
 
 template <typename T>
-inline T sign_of(T x) {
+KDFAST_INLINE T sign_of(T x) {
   // torch.sign: 0 at 0, NaN at NaN
   return x > T(0) ? T(1) : (x < T(0) ? T(-1) : x);
 }
 
-// out[j] = mean over positions of |a[b, f0 + j, :, :]|, j < nf.
+// out[j] = mean over positions of |a[b, f0 + j, :, :]|, j < nf, in float64.
 template <typename scalar_t>
 KDFAST_CPU_CLONES void pool_features(const scalar_t* a, Layout l, Walk walk, int64_t b, int64_t f0, int64_t nf,
-                                     acc_t<scalar_t> inv_hw, acc_t<scalar_t>* out) {
-  using acc = acc_t<scalar_t>;
+                                     double inv_hw, double* out) {
   const scalar_t* base = a + b * l.sb + f0 * l.sf;
   if (walk == Walk::kFeaturesInner) {
-    std::fill(out, out + nf, acc(0));
+    std::fill(out, out + nf, 0.0);
     for (int64_t h = 0; h < l.H; ++h) {
       for (int64_t w = 0; w < l.W; ++w) {
         const scalar_t* x = base + h * l.sh + w * l.sw;
 #pragma omp simd
         for (int64_t j = 0; j < nf; ++j) {
-          out[j] += std::abs(static_cast<acc>(x[j]));
+          out[j] += std::abs(static_cast<double>(x[j]));
         }
       }
     }
   } else if (walk == Walk::kPositionsInner) {
     // Four features at a time: their horizontal sums are independent (a ResNet map has 16 or 49 positions,
-    // so a feature is one to four vectors and the horizontal sum is a good share of the work).
+    // so a feature is two to seven vectors of doubles and the horizontal sum is a good share of the work).
     const int64_t HW = l.H * l.W;
     int64_t j = 0;
-    if (HW >= Vec<acc>::lanes) {
+    if (HW >= Vec<double>::lanes) {
       for (; j + 4 <= nf; j += 4) {
         const scalar_t* x = base + j * l.sf;
-        const acc s0 = abs_sum<acc>(x, HW), s1 = abs_sum<acc>(x + l.sf, HW);
-        const acc s2 = abs_sum<acc>(x + 2 * l.sf, HW), s3 = abs_sum<acc>(x + 3 * l.sf, HW);
+        const double s0 = abs_sum<double>(x, HW), s1 = abs_sum<double>(x + l.sf, HW);
+        const double s2 = abs_sum<double>(x + 2 * l.sf, HW), s3 = abs_sum<double>(x + 3 * l.sf, HW);
         out[j] = s0;
         out[j + 1] = s1;
         out[j + 2] = s2;
@@ -167,18 +174,18 @@ KDFAST_CPU_CLONES void pool_features(const scalar_t* a, Layout l, Walk walk, int
     }
     for (; j < nf; ++j) {
       const scalar_t* x = base + j * l.sf;
-      acc s = 0;
+      double s = 0;
       for (int64_t p = 0; p < HW; ++p) {
-        s += std::abs(static_cast<acc>(x[p]));
+        s += std::abs(static_cast<double>(x[p]));
       }
       out[j] = s;
     }
   } else {
     for (int64_t j = 0; j < nf; ++j) {
-      acc s = 0;
+      double s = 0;
       for (int64_t h = 0; h < l.H; ++h) {
         for (int64_t w = 0; w < l.W; ++w) {
-          s += std::abs(static_cast<acc>(base[j * l.sf + h * l.sh + w * l.sw]));
+          s += std::abs(static_cast<double>(base[j * l.sf + h * l.sh + w * l.sw]));
         }
       }
       out[j] = s;
@@ -238,19 +245,17 @@ int64_t feature_block(int64_t F) {
   return std::clamp<int64_t>((per + 15) / 16 * 16, 16, 512);
 }
 
-// class_sums[:, f0 : f0 + nf] for one block of features: the batch in order, so that each class sum has one
-// order whatever the threads.
+// class_sums[:, f0 : f0 + nf] (float64) for one block of features: the batch in order, so that each class sum
+// has one order whatever the threads.
 template <typename scalar_t>
 void statistics_block(const scalar_t* a, Layout l, Walk walk, const int64_t* y, int64_t B, int64_t C, int64_t F,
-                      int64_t f0, int64_t nf, acc_t<scalar_t> inv_hw, acc_t<scalar_t>* pooled,
-                      acc_t<scalar_t>* sums) {
-  using acc = acc_t<scalar_t>;
+                      int64_t f0, int64_t nf, double inv_hw, double* pooled, double* sums) {
   for (int64_t c = 0; c < C; ++c) {
-    std::fill(sums + c * F + f0, sums + c * F + f0 + nf, acc(0));
+    std::fill(sums + c * F + f0, sums + c * F + f0 + nf, 0.0);
   }
   for (int64_t b = 0; b < B; ++b) {
     pool_features<scalar_t>(a, l, walk, b, f0, nf, inv_hw, pooled);
-    acc* row = sums + y[b] * F + f0;
+    double* row = sums + y[b] * F + f0;
 #pragma omp simd
     for (int64_t j = 0; j < nf; ++j) {
       row[j] += pooled[j];
@@ -293,17 +298,16 @@ std::tuple<at::Tensor, at::Tensor> statistics_kernel(const at::Tensor& a, const 
   for (int64_t b = 0; b < B; ++b) {
     ++n[y[b]];
   }
-  auto sums = empty_output({C, F}, a.options().dtype(acc_dtype(a.scalar_type())));
+  auto sums = empty_output({C, F}, a.options().dtype(at::kDouble));
   const Layout l = layout_of(a);
   const Walk walk = walk_of(l);
   const int64_t fb = feature_block(F), blocks = (F + fb - 1) / fb;
+  double* s = sums.mutable_data_ptr<double>();
+  const double inv_hw = 1.0 / static_cast<double>(l.H * l.W);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "_gini_kl_statistics", [&] {
-    using acc = acc_t<scalar_t>;
     const scalar_t* a_ptr = a.const_data_ptr<scalar_t>();
-    acc* s = sums.mutable_data_ptr<acc>();
-    const acc inv_hw = acc(1) / static_cast<acc>(l.H * l.W);
     at::parallel_for(0, blocks, grain((B * l.H * l.W + C) * fb), [&](int64_t begin, int64_t end) {
-      std::vector<acc> pooled(fb);
+      std::vector<double> pooled(fb);
       for (int64_t blk = begin; blk < end; ++blk) {
         statistics_block<scalar_t>(a_ptr, l, walk, y, B, C, F, blk * fb, std::min(fb, F - blk * fb), inv_hw,
                                    pooled.data(), s);
@@ -323,7 +327,7 @@ at::Tensor statistics_backward_kernel(const at::Tensor& grad_sums_, const at::Te
   const int64_t C = grad_sums_.size(0);
   const auto labels = check_labels(labels_, B, C);
   const int64_t* y = labels.const_data_ptr<int64_t>();
-  const auto grad_sums = grad_sums_.to(acc_dtype(a.scalar_type())).contiguous();
+  const auto grad_sums = grad_sums_.to(at::kDouble).contiguous();
   auto grad = at::empty_like(a);
   if (poison_outputs()) {
     grad.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -336,15 +340,16 @@ at::Tensor statistics_backward_kernel(const at::Tensor& grad_sums_, const at::Te
     using acc = acc_t<scalar_t>;
     const scalar_t* a_ptr = a.const_data_ptr<scalar_t>();
     scalar_t* grad_ptr = grad.mutable_data_ptr<scalar_t>();
-    const acc* gs = grad_sums.const_data_ptr<acc>();
-    const acc inv_hw = acc(1) / static_cast<acc>(la.H * la.W);
+    const double* gs = grad_sums.const_data_ptr<double>();
+    const double inv_hw = 1.0 / static_cast<double>(la.H * la.W);
     at::parallel_for(0, B * blocks, grain(2 * la.H * la.W * fb), [&](int64_t begin, int64_t end) {
       std::vector<acc> g(fb);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / blocks, f0 = (item % blocks) * fb, nf = std::min(fb, F - f0);
-        const acc* row = gs + y[b] * F + f0;
+        const double* row = gs + y[b] * F + f0;
+        // g / (H W) rounded once (for float32, to float32); sign(a) * g is then exact
         for (int64_t j = 0; j < nf; ++j) {
-          g[j] = row[j] * inv_hw;
+          g[j] = static_cast<acc>(row[j] * inv_hw);
         }
         scatter_features<scalar_t>(a_ptr, la, grad_ptr, lg, walk, b, f0, nf, g.data());
       }

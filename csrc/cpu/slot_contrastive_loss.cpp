@@ -1,21 +1,24 @@
 // CPU kernels of SlotContrast's slot-slot contrastive loss (design.md 3.2).
 //
 // For a pair of frames (t, t+1) and a group of S slots (all B*K with batch contrast, else the K of one batch
-// element), on unit slots z: l[i, j] = <z_t^i, z_{t+1}^j> / temperature, lse[j] = logsumexp_i l[i, j] and
-// loss[j] = lse[j] - l[j, j].
+// element), on unit slots z: l[i, j] = <z_t^i, z_{t+1}^j> / temperature and loss[j] = logsumexp_i l[i, j] -
+// l[j, j], computed as softplus(r[j]) with r[j] = logsumexp_{i != j} (l[i, j] - l[j, j]) (-inf when S == 1):
+// when the positive dominates, the difference of two values ~1/temperature would cancel every digit of a
+// loss ~exp(-1/temperature). The backward's p[j, j] - 1 is likewise -sigmoid(r[j]), and p[i, j] =
+// sigmoid(r[j]) exp(l[i, j] - n[j]) for i != j, n[j] = logsumexp_{i != j} l[i, j] = l[j, j] + r[j].
 //
 // Every call first writes the unit slots once, row-major Z (T, N, dp) and transposed ZT (T, dp, np) (N = B*K;
 // D and N zero-padded to whole vectors), so that every inner loop is a vector loop without tails. The logits
 // are computed in tiles of 64 slots j at t+1 against all S slots i at t, (64, S), never the S x S matrix, by
 // one register-blocked micro-kernel (8 rows x 2 vectors of multiply-adds) that also does the tile's products.
-// - Forward: a tile row holds every i of its j: one log-sum-exp per row.
-// - Backward, per tile: G[j, i] = g_j (exp(l[i, j] - lse[j]) - [i == j]) / temperature, then
+// - Forward: a tile row holds every i of its j, the diagonal included: one log-sum-exp per row.
+// - Backward, per tile: G[j, i] = g_j (p[i, j] - [i == j]) / temperature as above, then
 //   dz_{t+1}^j = sum_i G[j, i] z_t^i (complete within the tile) and dz_t^i += sum_j G[j, i] z_{t+1}^j, a sum
 //   over tiles: each task (a fixed share, at most kMaxParts, of a pair's tiles) accumulates its own partial
 //   dz_t, and a last pass adds them in task order, then applies the normalisation's backward. No atomics,
 //   and the result does not depend on the number of threads.
-// - Forward and backward in one pass (_slot_contrastive_loss_forward_backward): the backward's loop with the
-//   log-sum-exp taken from the tile and g = 1, for a mean or sum, whose upstream gradient is a constant: the
+// - Forward and backward in one pass (_slot_contrastive_loss_forward_backward): the backward's loop with r
+//   taken from the tile and g = 1, for a mean or sum, whose upstream gradient is a constant: the
 //   logits are formed once for both directions.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -32,9 +35,10 @@
 #include "../common.h"
 
 // Passing a 64-byte vector has no fixed ABI without AVX-512: every helper that takes or returns one is
-// always inlined (KDFAST_VEC), into the clone of each ISA that calls it.
+// always inlined (KDFAST_VEC), into the clone of each ISA that calls it. So is every other helper a clone
+// calls (KDFAST_INLINE, csrc/common.h): a call out of a clone runs the baseline code.
 #pragma GCC diagnostic ignored "-Wpsabi"
-#define KDFAST_VEC inline __attribute__((always_inline))
+#define KDFAST_VEC KDFAST_INLINE
 
 namespace kdfast {
 namespace {
@@ -81,13 +85,28 @@ KDFAST_VEC vec_t<T> vsplat(T x) {
   return vec_t<T>{} + x;
 }
 
-int64_t round_up(int64_t n, int64_t m) {
+KDFAST_INLINE int64_t round_up(int64_t n, int64_t m) {
   return (n + m - 1) / m * m;
+}
+
+// log(1 + exp(r)) to full relative precision for tiny results (r -> -inf: 0) and without overflow for large r;
+// NaN stays NaN.
+template <typename T>
+KDFAST_INLINE T softplus(T r) {
+  return (r > T(0) ? r : T(0)) + std::log1p(std::exp(-std::abs(r)));
+}
+
+// 1 / (1 + exp(-r)) without overflow either way (r = -inf: 0); NaN stays NaN.
+template <typename T>
+KDFAST_INLINE T sigmoid(T r) {
+  const T e = std::exp(-std::abs(r));
+  return r >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
 }
 
 // exp of 16 floats: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, ln 2 in two parts, a degree-5 polynomial for
 // exp(r), ~1 ulp), with n rounded by the 1.5 * 2^23 trick. 0 below the normal range (and for -inf); NaN stays
-// NaN. Arguments here are never above ~0 (x - max, or l - lse); garbage from out-of-range n is replaced.
+// NaN. Arguments here are never above ~0 (x - max, or l - n off the diagonal); garbage from out-of-range n is
+// replaced.
 KDFAST_VEC vec_t<float> vexp(vec_t<float> x) {
   typedef int32_t vint __attribute__((vector_size(64)));
   using vf = vec_t<float>;
@@ -186,70 +205,83 @@ void product(const T* a, int64_t a_stride, int64_t rows, int64_t n, const T* b, 
   }
 }
 
-// Row j of a logits tile (cols values, readable up to a whole vector past them): its log-sum-exp. The padding
-// is set to -inf first, so that it adds exp(-inf) = 0.
+// Row j of a logits tile (cols values, readable up to a whole vector past them) whose positive is at
+// `diagonal`, in place: row[i] = exp(l[i, j] - m) for the negatives i != j, m their largest logit, and 0 on the
+// diagonal and the padding up to a whole vector. Returns r = (m - l[j, j]) + log(sum) (-inf without negatives,
+// NaN where any value is NaN) and the sum. m - l[j, j] is a logit difference, like the shifted logits
+// l[i, j] - l[j, j] of the definition; only the final softplus(r) turns it into the loss.
 template <typename T>
-KDFAST_CPU_CLONES T row_logsumexp(T* row, int64_t cols) {
+KDFAST_VEC T shifted_negatives(T* row, int64_t cols, int64_t diagonal, T& sum) {
   constexpr int64_t L = Vec<T>::lanes;
+  constexpr T minus_inf = -std::numeric_limits<T>::infinity();
   const int64_t padded = round_up(cols, L);
+  const T positive = row[diagonal];
   for (int64_t c = cols; c < padded; ++c) {
-    row[c] = -std::numeric_limits<T>::infinity();
+    row[c] = minus_inf;
   }
+  row[diagonal] = minus_inf;
   vec_t<T> vm = vload(row);
   for (int64_t c = L; c < padded; c += L) {
     const vec_t<T> v = vload(row + c);
     vm = v > vm ? v : vm;
   }
   const T m = hmax<T>(vm);
+  // no finite negative: shift by 0, so that exp(-inf) gives 0 (and a NaN stays NaN) rather than exp(NaN)
+  const vec_t<T> shift = vsplat(m == minus_inf ? T(0) : m);
   vec_t<T> total = {};
   for (int64_t c = 0; c < padded; c += L) {
-    total += vexp(vload(row + c) - m);
-  }
-  return m + std::log(hsum<T>(total));
-}
-
-// Row j of a logits tile, in place: its log-sum-exp lse, and row = g * (softmax(row) - [c == diagonal]), the
-// gradient of g * (lse - row[diagonal]); 0 on the padding up to a whole vector. Returns lse. One exp per value.
-template <typename T>
-KDFAST_CPU_CLONES T row_loss_grad(T* row, int64_t cols, int64_t diagonal, T g) {
-  constexpr int64_t L = Vec<T>::lanes;
-  const int64_t padded = round_up(cols, L);
-  for (int64_t c = cols; c < padded; ++c) {
-    row[c] = -std::numeric_limits<T>::infinity();
-  }
-  vec_t<T> vm = vload(row);
-  for (int64_t c = L; c < padded; c += L) {
-    const vec_t<T> v = vload(row + c);
-    vm = v > vm ? v : vm;
-  }
-  const T m = hmax<T>(vm);
-  vec_t<T> total = {};
-  for (int64_t c = 0; c < padded; c += L) {
-    const vec_t<T> e = vexp(vload(row + c) - m);
+    const vec_t<T> e = vexp(vload(row + c) - shift);
     total += e;
     vstore(row + c, e);
   }
-  const T sum = hsum<T>(total);
-  const T weight = g / sum;
-  for (int64_t c = 0; c < padded; c += L) {
-    vstore(row + c, weight * vload(row + c));
-  }
-  row[diagonal] -= g;
-  return m + std::log(sum);
+  sum = hsum<T>(total);
+  return sum == T(0) ? minus_inf : (m - positive) + std::log(sum);
 }
 
-// g * (exp(row - lse) - [c == diagonal]) for c < cols, 0 on the padding up to a whole vector.
+// r of row j of a logits tile (see shifted_negatives; the row is overwritten).
 template <typename T>
-KDFAST_CPU_CLONES void row_softmax_grad(T* row, int64_t cols, int64_t diagonal, T lse, T g) {
+KDFAST_CPU_CLONES T row_log_odds(T* row, int64_t cols, int64_t diagonal) {
+  T sum;
+  return shifted_negatives(row, cols, diagonal, sum);
+}
+
+// Row j of a logits tile, in place: r, and row = g (softmax(row) - [c == diagonal]), the gradient of
+// g * softplus(r): g sigmoid(r) exp(l[i, j] - l[j, j] - r) off the diagonal, -g sigmoid(r) on it, 0 on the
+// padding up to a whole vector. Returns r. One exp per value.
+template <typename T>
+KDFAST_CPU_CLONES T row_loss_grad(T* row, int64_t cols, int64_t diagonal, T g) {
+  constexpr int64_t L = Vec<T>::lanes;
+  T sum;
+  const T r = shifted_negatives(row, cols, diagonal, sum);
+  const T weight = g * sigmoid(r);
+  // exp(l - l[j, j] - r) = row / sum; without negatives the row is 0 and so is the weight
+  const vec_t<T> scale = vsplat(sum > T(0) ? weight / sum : T(0));
+  for (int64_t c = 0; c < round_up(cols, L); c += L) {
+    vstore(row + c, scale * vload(row + c));
+  }
+  row[diagonal] = -weight;
+  return r;
+}
+
+// weight * (exp(row - shift) [c != diagonal] - [c == diagonal]) for c < cols, 0 on the padding up to a whole
+// vector: shift the negatives' log-sum-exp, weight g sigmoid(r).
+template <typename T>
+KDFAST_CPU_CLONES void row_softmax_grad(T* row, int64_t cols, int64_t diagonal, T shift, T weight) {
   constexpr int64_t L = Vec<T>::lanes;
   const int64_t padded = round_up(cols, L);
-  for (int64_t c = 0; c < padded; c += L) {
-    vstore(row + c, g * vexp(vload(row + c) - lse));
+  if (shift == -std::numeric_limits<T>::infinity()) {
+    std::fill(row, row + padded, T(0));  // no negatives (S == 1)
+  } else {
+    // the positive out before exp: l[j, j] - shift = -r may overflow
+    row[diagonal] = -std::numeric_limits<T>::infinity();
+    for (int64_t c = 0; c < padded; c += L) {
+      vstore(row + c, weight * vexp(vload(row + c) - shift));
+    }
+    for (int64_t c = cols; c < padded; ++c) {
+      row[c] = T(0);
+    }
   }
-  row[diagonal] -= g;
-  for (int64_t c = cols; c < padded; ++c) {
-    row[c] = T(0);
-  }
+  row[diagonal] = -weight;
 }
 
 // Sizes of one call. Slot n = b*K + k of frame t; group g holds the slots [g*S, (g+1)*S).
@@ -414,15 +446,16 @@ void logits_tile(const Geometry& g, const T* Z, const T* ZT, int64_t t, int64_t 
 }
 
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& slots, double temperature, bool batch_contrast,
-                                                double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& slots, double temperature,
+                                                            bool batch_contrast, double eps) {
   using T = acc_t<scalar_t>;
   const Geometry g = make_geometry<T>(slots, batch_contrast);
   const auto acc_options = slots.options().dtype(acc_dtype(slots.scalar_type()));
   auto losses = empty_output({g.T - 1, g.N}, acc_options);
-  auto lses = empty_output({g.T - 1, g.N}, acc_options);
+  auto log_odds = empty_output({g.T - 1, g.N}, acc_options);
+  auto negatives_lse = empty_output({g.T - 1, g.N}, acc_options);
   if (g.T == 1) {
-    return {losses, lses};
+    return {losses, log_odds, negatives_lse};
   }
   const UnitSlots<T> unit(slots.const_data_ptr<scalar_t>(), g, static_cast<T>(eps));
   const T* Z = unit.Z.data();
@@ -430,7 +463,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& slots, double 
 
   const T inv_tau = static_cast<T>(1.0 / temperature);
   T* loss_ptr = losses.mutable_data_ptr<T>();
-  T* lse_ptr = lses.mutable_data_ptr<T>();
+  T* log_odds_ptr = log_odds.mutable_data_ptr<T>();
+  T* negatives_ptr = negatives_lse.mutable_data_ptr<T>();
   const int64_t tile_work = std::min(kTileRows, g.S) * g.S * g.dp;
   at::parallel_for(0, (g.T - 1) * g.groups * g.tiles, grain(tile_work), [&](int64_t begin, int64_t end) {
     Buffer<T> tile(5, kTileRows * g.tile_row);
@@ -442,23 +476,26 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& slots, double 
       for (int64_t j = 0; j < rows; ++j) {
         T* row = tile.data() + j * g.tile_row;
         const T diagonal = row[j0 + j];
-        const T lse = row_logsumexp(row, g.S);
+        const T r = row_log_odds(row, g.S, j0 + j);
         const int64_t n = group * g.S + j0 + j;
-        loss_ptr[t * g.N + n] = lse - diagonal;
-        lse_ptr[t * g.N + n] = lse;
+        loss_ptr[t * g.N + n] = softplus(r);
+        log_odds_ptr[t * g.N + n] = r;
+        negatives_ptr[t * g.N + n] = diagonal + r;
       }
     }
   });
-  return {losses, lses};
+  return {losses, log_odds, negatives_lse};
 }
 
 // The gradient with respect to the slots of sum_{t, j} g_{t,j} loss_{t,j}, into out (B, T, K, D) of type OutT.
-// With lse == nullptr, the log-sum-exp comes from the tile (it holds every i of its rows) and the losses are
-// written too: the forward and the backward in one pass, for a loss whose upstream gradient is known when
-// the forward runs (a mean or sum: g constant). Else lse is the forward's and g comes from the upstream grad.
+// With log_odds == nullptr, r comes from the tile (it holds every i of its rows) and the losses are written
+// too: the forward and the backward in one pass, for a loss whose upstream gradient is known when the forward
+// runs (a mean or sum: g constant). Else log_odds and negatives_lse are the forward's and g comes from the
+// upstream grad.
 template <typename scalar_t, typename OutT, typename GradFn>
-void gradient(const at::Tensor& slots, const Geometry& g, double temperature, double eps, const acc_t<scalar_t>* lse,
-              GradFn upstream, acc_t<scalar_t>* losses, acc_t<scalar_t>* lses, OutT* out_ptr) {
+void gradient(const at::Tensor& slots, const Geometry& g, double temperature, double eps,
+              const acc_t<scalar_t>* log_odds, const acc_t<scalar_t>* negatives_lse, GradFn upstream,
+              acc_t<scalar_t>* losses, OutT* out_ptr) {
   using T = acc_t<scalar_t>;
   const UnitSlots<T> unit(slots.const_data_ptr<scalar_t>(), g, static_cast<T>(eps));
   const T* Z = unit.Z.data();
@@ -483,18 +520,16 @@ void gradient(const at::Tensor& slots, const Geometry& g, double temperature, do
       for (int64_t tile_index = first; tile_index < last; ++tile_index) {
         const int64_t j0 = tile_index * kTileRows, rows = std::min(kTileRows, g.S - j0);
         logits_tile(g, Z, ZT, t, group, j0, rows, inv_tau, tile.data());
-        // G[j, i] = g_j (exp(l[i, j] - lse_j) - [i == j]) / temperature, in place
+        // G[j, i] = g_j (p[i, j] - [i == j]) / temperature, in place
         for (int64_t j = 0; j < rows; ++j) {
           const int64_t n = base + j0 + j;
           T* row = tile.data() + j * g.tile_row;
           const T gj = upstream(t, n) * inv_tau;
-          if (lse == nullptr) {
-            const T diagonal = row[j0 + j];
-            const T row_lse = row_loss_grad(row, g.S, j0 + j, gj);
-            losses[t * g.N + n] = row_lse - diagonal;
-            lses[t * g.N + n] = row_lse;
+          if (log_odds == nullptr) {
+            losses[t * g.N + n] = softplus(row_loss_grad(row, g.S, j0 + j, gj));
           } else {
-            row_softmax_grad(row, g.S, j0 + j, lse[t * g.N + n], gj);
+            const T weight = gj * sigmoid(log_odds[t * g.N + n]);
+            row_softmax_grad(row, g.S, j0 + j, negatives_lse[t * g.N + n], weight);
           }
         }
         // dz_{t+1}^j = sum_i G[j, i] z_t^i, over blocks of i that stay in L1
@@ -527,8 +562,9 @@ void gradient(const at::Tensor& slots, const Geometry& g, double temperature, do
 }
 
 template <typename scalar_t>
-at::Tensor backward_impl(const at::Tensor& grad_losses, const at::Tensor& slots, const at::Tensor& lse_,
-                         double temperature, bool batch_contrast, double eps, double grad_scale) {
+at::Tensor backward_impl(const at::Tensor& grad_losses, const at::Tensor& slots, const at::Tensor& log_odds_,
+                         const at::Tensor& negatives_lse_, double temperature, bool batch_contrast, double eps,
+                         double grad_scale) {
   using T = acc_t<scalar_t>;
   const Geometry g = make_geometry<T>(slots, batch_contrast);
   auto grad_slots = empty_output(slots.sizes(), slots.options());
@@ -541,30 +577,30 @@ at::Tensor backward_impl(const at::Tensor& grad_losses, const at::Tensor& slots,
   const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1), gs2 = grad.stride(2), K = g.K;
   const T scale = static_cast<T>(grad_scale);
   const auto upstream = [=](int64_t t, int64_t n) { return g_ptr[t * gs0 + n / K * gs1 + n % K * gs2] * scale; };
-  const auto lse = lse_.contiguous();
-  gradient<scalar_t>(slots, g, temperature, eps, lse.const_data_ptr<T>(), upstream, static_cast<T*>(nullptr),
-                     static_cast<T*>(nullptr), grad_slots.mutable_data_ptr<scalar_t>());
+  const auto log_odds = log_odds_.contiguous();
+  const auto negatives_lse = negatives_lse_.contiguous();
+  gradient<scalar_t>(slots, g, temperature, eps, log_odds.const_data_ptr<T>(), negatives_lse.const_data_ptr<T>(),
+                     upstream, static_cast<T*>(nullptr), grad_slots.mutable_data_ptr<scalar_t>());
   return grad_slots;
 }
 
-// Forward and gradient in one pass: (losses, lse, grad) where grad is the gradient of sum(losses) with respect
+// Forward and gradient in one pass: (losses, grad) where grad is the gradient of sum(losses) with respect
 // to the slots, in the accumulator dtype: a mean or sum's backward is then grad times a scalar.
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_impl(const at::Tensor& slots, double temperature,
-                                                                     bool batch_contrast, double eps) {
+std::tuple<at::Tensor, at::Tensor> forward_backward_impl(const at::Tensor& slots, double temperature,
+                                                         bool batch_contrast, double eps) {
   using T = acc_t<scalar_t>;
   const Geometry g = make_geometry<T>(slots, batch_contrast);
   const auto acc_options = slots.options().dtype(acc_dtype(slots.scalar_type()));
   auto losses = empty_output({g.T - 1, g.N}, acc_options);
-  auto lses = empty_output({g.T - 1, g.N}, acc_options);
   auto grad = empty_output(slots.sizes(), acc_options);
   if (g.T == 1) {
-    return {losses, lses, grad.zero_()};
+    return {losses, grad.zero_()};
   }
   const auto upstream = [](int64_t, int64_t) { return T(1); };
-  gradient<scalar_t>(slots, g, temperature, eps, static_cast<const T*>(nullptr), upstream, losses.mutable_data_ptr<T>(),
-                     lses.mutable_data_ptr<T>(), grad.mutable_data_ptr<T>());
-  return {losses, lses, grad};
+  gradient<scalar_t>(slots, g, temperature, eps, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                     upstream, losses.mutable_data_ptr<T>(), grad.mutable_data_ptr<T>());
+  return {losses, grad};
 }
 
 void check_slots(const at::Tensor& slots, double temperature, double eps) {
@@ -574,43 +610,52 @@ void check_slots(const at::Tensor& slots, double temperature, double eps) {
               "temperature must be finite and positive, got ", temperature);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& slots_, double temperature, bool batch_contrast,
-                                                  double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& slots_, double temperature,
+                                                              bool batch_contrast, double eps) {
   check_slots(slots_, temperature, eps);
   const auto slots = slots_.contiguous();
-  std::tuple<at::Tensor, at::Tensor> out;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, slots.scalar_type(), "_slot_contrastive_loss_forward", [&] {
     out = forward_impl<scalar_t>(slots, temperature, batch_contrast, eps);
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_kernel(const at::Tensor& slots_, double temperature,
-                                                                       bool batch_contrast, double eps) {
+std::tuple<at::Tensor, at::Tensor> forward_backward_kernel(const at::Tensor& slots_, double temperature,
+                                                           bool batch_contrast, double eps) {
   check_slots(slots_, temperature, eps);
   const auto slots = slots_.contiguous();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, slots.scalar_type(), "_slot_contrastive_loss_forward_backward",
                                   [&] { out = forward_backward_impl<scalar_t>(slots, temperature, batch_contrast, eps); });
   return out;
 }
 
-at::Tensor backward_kernel(const at::Tensor& grad_losses, const at::Tensor& slots_, const at::Tensor& lse,
-                           double temperature, bool batch_contrast, double eps, double grad_scale) {
+// A per-column statistic of the forward: (T-1, B*K) in the accumulator dtype.
+void check_column_stats(const at::Tensor& stats, const char* name, const at::Tensor& slots) {
+  const int64_t B = slots.size(0), T = slots.size(1), K = slots.size(2);
+  check_input(stats, name, 2, at::kCPU);
+  TORCH_CHECK(stats.scalar_type() == acc_dtype(slots.scalar_type()), name, " must have the accumulator dtype ",
+              acc_dtype(slots.scalar_type()), ", got ", stats.scalar_type());
+  TORCH_CHECK(stats.size(0) == T - 1 && stats.size(1) == B * K, name, " must have shape (T-1,B*K) = ",
+              at::IntArrayRef{T - 1, B * K}, ", got ", stats.sizes());
+}
+
+at::Tensor backward_kernel(const at::Tensor& grad_losses, const at::Tensor& slots_, const at::Tensor& log_odds,
+                           const at::Tensor& negatives_lse, double temperature, bool batch_contrast, double eps,
+                           double grad_scale) {
   check_slots(slots_, temperature, eps);
   const int64_t B = slots_.size(0), T = slots_.size(1), K = slots_.size(2);
   check_input(grad_losses, "grad_losses", 3, at::kCPU);
   TORCH_CHECK(grad_losses.size(0) == T - 1 && grad_losses.size(1) == B && grad_losses.size(2) == K,
               "grad_losses must have shape (T-1,B,K) = ", at::IntArrayRef{T - 1, B, K}, ", got ", grad_losses.sizes());
-  check_input(lse, "lse", 2, at::kCPU);
-  TORCH_CHECK(lse.scalar_type() == acc_dtype(slots_.scalar_type()), "lse must have the accumulator dtype ",
-              acc_dtype(slots_.scalar_type()), ", got ", lse.scalar_type());
-  TORCH_CHECK(lse.size(0) == T - 1 && lse.size(1) == B * K, "lse must have shape (T-1,B*K) = ",
-              at::IntArrayRef{T - 1, B * K}, ", got ", lse.sizes());
+  check_column_stats(log_odds, "log_odds", slots_);
+  check_column_stats(negatives_lse, "negatives_lse", slots_);
   const auto slots = slots_.contiguous();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, slots.scalar_type(), "_slot_contrastive_loss_backward", [&] {
-    out = backward_impl<scalar_t>(grad_losses, slots, lse, temperature, batch_contrast, eps, grad_scale);
+    out = backward_impl<scalar_t>(grad_losses, slots, log_odds, negatives_lse, temperature, batch_contrast, eps,
+                                  grad_scale);
   });
   return out;
 }

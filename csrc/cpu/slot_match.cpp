@@ -38,7 +38,7 @@ struct Vec {
 
 // L consecutive values as a vector of the accumulate type T (converting from half/bfloat16 if needed).
 template <typename T, typename scalar_t = T>
-inline typename Vec<T>::type load(const scalar_t* p) {
+KDFAST_INLINE typename Vec<T>::type load(const scalar_t* p) {
   typename Vec<T>::type v;
   if constexpr (std::is_same_v<T, scalar_t>) {
     std::memcpy(&v, p, sizeof(v));
@@ -53,13 +53,13 @@ inline typename Vec<T>::type load(const scalar_t* p) {
 }
 
 template <typename T>
-inline void store(T* p, const typename Vec<T>::type& v) {
+KDFAST_INLINE void store(T* p, const typename Vec<T>::type& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
 // Sum of the lanes by halving, in vector registers.
 template <typename T, int Bytes = 64>
-inline T hsum(const typename Vec<T, Bytes>::type& v) {
+KDFAST_INLINE T hsum(const typename Vec<T, Bytes>::type& v) {
   if constexpr (Bytes == 16) {
     T s = v[0];
     for (int64_t l = 1; l < Vec<T, 16>::lanes; ++l) {
@@ -75,7 +75,7 @@ inline T hsum(const typename Vec<T, Bytes>::type& v) {
 }
 
 template <typename T>
-inline T dot(const T* x, const T* y, int64_t D) {
+KDFAST_INLINE T dot(const T* x, const T* y, int64_t D) {
   constexpr int64_t L = Vec<T>::lanes;
   typename Vec<T>::type s = {};
   int64_t d = 0;
@@ -91,7 +91,7 @@ inline T dot(const T* x, const T* y, int64_t D) {
 
 // <x, y_c> for c < 4: each load of x feeds four products.
 template <typename T>
-inline void dot4(const T* x, const T* const* y, int64_t D, T* out) {
+KDFAST_INLINE void dot4(const T* x, const T* const* y, int64_t D, T* out) {
   constexpr int64_t L = Vec<T>::lanes;
   typename Vec<T>::type s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t d = 0;
@@ -155,7 +155,7 @@ void store_rows(const acc_t<scalar_t>* src, scalar_t* dst, int64_t n) {
 
 // 1 / clamp_min(||x_r||, eps) per row; keep[r] = ||x_r|| >= eps, i.e. whether the clamp passes gradient.
 template <typename T>
-inline void inverse_norms(const T* x, int64_t rows, int64_t D, T eps, T* inv, bool* keep) {
+KDFAST_INLINE void inverse_norms(const T* x, int64_t rows, int64_t D, T eps, T* inv, bool* keep) {
   for (int64_t r = 0; r < rows; ++r) {
     const T n = std::sqrt(dot(x + r * D, x + r * D, D));
     inv[r] = T(1) / clamp_eps(n, eps);
@@ -284,13 +284,13 @@ void cosine_backward_batches(int64_t begin, int64_t end, const scalar_t* g_ptr, 
 }
 
 // Teacher row matched to slot i of batch element n (the host checked the assignment's range).
-inline int64_t matched(const int64_t* idx, int64_t n, int64_t i, int64_t K) {
+KDFAST_INLINE int64_t matched(const int64_t* idx, int64_t n, int64_t i, int64_t K) {
   return idx == nullptr ? i : idx[n * K + i];
 }
 
 // <s,s>, <t,t>, <s,t> in one pass over the two rows.
 template <typename T, typename scalar_t>
-inline void pair_dots(const scalar_t* s, const scalar_t* t, int64_t D, T& ss, T& tt, T& st) {
+KDFAST_INLINE void pair_dots(const scalar_t* s, const scalar_t* t, int64_t D, T& ss, T& tt, T& st) {
   constexpr int64_t L = Vec<T>::lanes;
   typename Vec<T>::type xx = {}, yy = {}, xy = {};
   int64_t d = 0;

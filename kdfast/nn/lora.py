@@ -32,7 +32,8 @@ def _scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
 
 
 def _adapter_pair(in_features: int, out_features: int, r: int, like: Tensor) -> tuple[nn.Linear, nn.Linear]:
-    """PEFT's adapter layers, created in PEFT's order (so one seed gives PEFT's A) and initialised as PEFT does."""
+    """PEFT's adapter layers A (r, in) and B (out, r), created in PEFT's order, so that after ``_reset`` one seed
+    gives PEFT's A exactly."""
     factory = {"device": like.device, "dtype": like.dtype}
     lora_a = nn.Linear(in_features, r, bias=False, **factory)
     lora_b = nn.Linear(r, out_features, bias=False, **factory)

@@ -7,9 +7,13 @@ autograd formula whose backward is itself a custom op:
     kdfast::gini_kl_from_statistics(class_sums, counts, target, delta, backend) -> (gini, kl)
 
 The statistics are the only stage that reads the activations: once forward (abs, spatial mean, class-segmented
-sum), once backward (``sign(a) * grad_class_sums[y_b] / (H W)``). The finish works on the small (C, F) table, in
-float64. Both statistics are sums over the batch, so data-parallel training can all-reduce them between the
-stages and get the loss of the global batch (kdfast.nn.GiniKLLoss(sync_ddp=True)).
+sum), once backward (``sign(a) * grad_class_sums[y_b] / (H W)``, written in the activations' dtype). The class
+sums are accumulated and returned in float64 for every input dtype, and the finish works on that small (C, F)
+table in float64: the KL gradient is ill-conditioned in the sums (its projection ``h - sum_c h p`` cancels when
+``t_c / P_c`` is nearly constant over the classes present), so float32 sums alone would cost up to ~1e-4 relative
+error in it, while float32 inputs are exact in float64. Both statistics are sums over the batch, so
+data-parallel training can all-reduce them between the stages and get the loss of the global batch
+(kdfast.nn.GiniKLLoss(sync_ddp=True)).
 
 ``gini_kl`` chains the two stages: through the two custom ops when torch.compile traces, and in eager mode
 through one autograd.Function over the same kernels (it saves the activations, the labels, the small table and, for the
@@ -37,10 +41,6 @@ TARGETS = ("batch", "uniform")
 
 def _kernels():
     return importlib.import_module("kdfast.kernels.gini_kl")
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def _gini_kl_statistics(activations: Tensor, labels: Tensor, num_classes: int, b
 
 @_gini_kl_statistics.register_fake
 def _(activations, labels, num_classes, backend):
-    class_sums = activations.new_empty((num_classes, activations.shape[1]), dtype=_accumulator(activations.dtype))
+    class_sums = activations.new_empty((num_classes, activations.shape[1]), dtype=torch.float64)
     return class_sums, labels.new_empty((num_classes,), dtype=torch.long)
 
 
@@ -315,8 +315,8 @@ def gini_kl_statistics(
         activations, labels, num_classes, backend: as in ``gini_kl``.
 
     Returns:
-        (class_sums, counts): (C, F) in float32 (float64 for float64 activations), differentiable in
-        ``activations``; (C,) int64.
+        (class_sums, counts): (C, F) float64 for every activation dtype (accumulated in float64: the gradient
+        of the KL term is ill-conditioned in the sums), differentiable in ``activations``; (C,) int64.
     """
     _check_activations_and_labels(activations, labels, num_classes)
     chosen = _backend.resolve("gini_kl", "_gini_kl_statistics", backend, activations.device.type, _IMPLEMENTED)
@@ -338,7 +338,7 @@ def gini_kl_from_statistics(
     which is what gini_kl_statistics gives them) and their gradient is 0.
 
     Args:
-        class_sums: (C, F) float32 or float64.
+        class_sums: (C, F) float32 or float64 (gini_kl_statistics returns float64).
         counts: (C,) integer, non-negative, at least one sample in total, on the same device.
         target, delta, backend: as in ``gini_kl``.
 

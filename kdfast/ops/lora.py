@@ -3,8 +3,11 @@
     kdfast::lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend) -> y
     kdfast::lora_qkv(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads, backend) -> (q, k, v)
 
-``lora_attention`` composes them with scaled_dot_product_attention. Backends: reference (the fused kernels land
-with the LoRA issue).
+``lora_attention`` composes them with scaled_dot_product_attention. Backends: ``triton`` (kernels/lora.py: the
+low-rank update folded into the base GEMM's epilogue; lora_qkv stores q, k, v in the (B, H, T, head_dim) layout)
+and ``reference``. CPU runs the reference: the op is GEMMs, which torch's CPU BLAS already does as well as a
+compiled kernel could (the benchmark compares it with PEFT-style eager and torch.compile), so there is no
+``cpp`` backend.
 
 Dropout on the LoRA input draws its mask from a seed (a 0-d int64 tensor drawn from torch's default generator,
 so ``torch.manual_seed`` makes it reproducible); the backward regenerates the mask from the same seed instead of
@@ -12,6 +15,8 @@ saving it.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +26,11 @@ from kdfast import _backend, reference
 from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced, reference_vjp
 
-_IMPLEMENTED = ("reference",)
+_IMPLEMENTED = ("triton", "reference")
+
+
+def _kernels():
+    return importlib.import_module("kdfast.kernels.lora")
 
 
 def _dropout_mask(x: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor | None:
@@ -43,6 +52,10 @@ def _lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
     scale: float, dropout_p: float, seed: Tensor | None, backend: str,
 ) -> Tensor:
+    if backend == "triton":
+        x2d = x.reshape(-1, x.shape[-1])
+        y = _kernels().lora_linear_forward(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     return _reference_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
 
 
@@ -58,6 +71,13 @@ def _lora_linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x, weight, bias, lora_a, lora_b; an empty tensor where ``needs`` is False or bias is None."""
     inputs = (x, weight, bias, lora_a, lora_b)
+    if backend == "triton":
+        x2d, grad2d = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grads = _kernels().lora_linear_backward(grad2d, x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, needs)
+        grads = [x.new_empty(0) if g is None else g for g in grads]
+        if grads[0].numel():
+            grads[0] = grads[0].reshape(x.shape)
+        return tuple(grads)
     grads = reference_vjp(_reference_lora_linear, inputs, (grad,), scale, dropout_p, seed, needs=needs)
     return tuple(grads)
 
@@ -95,7 +115,8 @@ def lora_linear(
         x: (..., I) float16, bfloat16, float32 or float64.
         weight: (O, I); bias: (O,) or None; lora_a: (r, I); lora_b: (O, r); same device.
         scale: LoRA scaling (PEFT: alpha / r). dropout_p: dropout on the LoRA input only, active when training.
-        backend: ``auto`` or ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
+        backend: ``auto``, ``triton`` or ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``: triton on
+            CUDA, reference on CPU). The triton backend's dropout takes x of at most 2**31 - 1 elements.
 
     Returns:
         (..., O) in the inputs' dtype (mixed dtypes are promoted, at least float32).
@@ -109,9 +130,18 @@ def lora_linear(
     dtype = _validate.compute_dtype(*tensors)
     seed = torch.randint(0, 2**62, ()) if training and dropout_p > 0 else None
     chosen = _backend.resolve("lora_linear", "_lora_linear_forward", backend, x.device.type, _IMPLEMENTED)
+    if chosen == "triton" and seed is not None and x.numel() > _kernels().MAX_NUMEL:
+        # The kernels' dropout counters are 32-bit.
+        if backend == "triton":
+            raise ValueError(
+                f"kdfast.lora_linear: the triton backend's dropout handles x with at most {_kernels().MAX_NUMEL} "
+                f"elements, got {x.numel()}; use backend='reference' (or dropout_p=0)"
+            )
+        chosen = "reference"
     x, weight, bias, lora_a, lora_b = _validate.cast(dtype, x, weight, bias, lora_a, lora_b)
     args = (x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, chosen)
-    return eager_or_traced(_reference_lora_linear, _lora_linear, *args)
+    # Only the reference is cheaper through plain autograd; a kernel's cost dwarfs the custom op's dispatch.
+    return eager_or_traced(_reference_lora_linear if chosen == "reference" else _lora_linear, _lora_linear, *args)
 
 
 def _check_linear(x, weight, bias, lora_a, lora_b, prefix: str = "") -> None:
@@ -161,6 +191,9 @@ def _lora_qkv(
     a_k: Tensor | None, b_k: Tensor | None, a_v: Tensor | None, b_v: Tensor | None,
     scale: float, num_heads: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        pairs = _pairs(a_q, b_q, a_k, b_k, a_v, b_v)
+        return _kernels().lora_qkv_forward(x, w_qkv, b_qkv, pairs, scale, num_heads)
     q, k, v = _reference_lora_qkv(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads)
     # Three views of one qkv tensor: a custom op's outputs may not alias each other.
     return tuple(t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
@@ -180,6 +213,10 @@ def _lora_qkv_backward(
 ) -> list[Tensor]:
     """Gradients of the 9 tensor inputs in order; an empty tensor where ``needs`` is False or the input is None."""
     inputs = (x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v)
+    if backend == "triton":
+        pairs = _pairs(a_q, b_q, a_k, b_k, a_v, b_v)
+        grads = _kernels().lora_qkv_backward((grad_q, grad_k, grad_v), x, w_qkv, b_qkv, pairs, scale, num_heads, needs)
+        return [x.new_empty(0) if g is None else g for g in grads]
     return reference_vjp(_reference_lora_qkv, inputs, (grad_q, grad_k, grad_v), scale, num_heads, needs=needs)
 
 
@@ -217,9 +254,11 @@ def lora_qkv(
         w_qkv: (3C, C); b_qkv: (3C,) or None.
         lora_q, lora_k, lora_v: each (A (r, C), B (C, r)) or None for no LoRA on that slice.
         scale: LoRA scaling; num_heads: H, dividing C.
+        backend: ``auto``, ``triton`` or ``reference``, as in ``lora_linear``.
 
     Returns:
-        q, k, v, each (B, H, T, C // H): the layout scaled_dot_product_attention takes.
+        q, k, v, each (B, H, T, C // H): the layout scaled_dot_product_attention takes (the triton backend
+        writes them there directly).
     """
     _validate.tensor("x", x, "(B, T, C)")
     _validate.nonempty("x", x, "(B, T, C)")
@@ -257,7 +296,8 @@ def lora_qkv(
     (b_qkv,) = _validate.cast(dtype, b_qkv)
     chosen = _backend.resolve("lora_qkv", "_lora_qkv_forward", backend, x.device.type, _IMPLEMENTED)
     x, w_qkv = _validate.cast(dtype, x, w_qkv)
-    return eager_or_traced(_reference_lora_qkv, _lora_qkv, x, w_qkv, b_qkv, *flat, scale, num_heads, chosen)
+    eager = _reference_lora_qkv if chosen == "reference" else _lora_qkv
+    return eager_or_traced(eager, _lora_qkv, x, w_qkv, b_qkv, *flat, scale, num_heads, chosen)
 
 
 def lora_attention(

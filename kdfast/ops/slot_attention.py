@@ -11,11 +11,13 @@ it is all the recomputing backward needs (never a (B, K, N) tensor). ``attn`` is
 :func:`slot_attention` runs whole iterations (LayerNorm, q projection, the core, GRUCell, residual MLP)
 with the core as above and the small dense layers in torch.
 
-Backends: reference (kdfast.reference).
+Backends: ``triton`` (kdfast.kernels.slot_attention; K <= 64, D, Dv <= 256), ``cpp``
+(csrc/cpu/slot_attention.cpp), ``reference`` (kdfast.reference).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 
 import torch
@@ -26,7 +28,29 @@ from kdfast import _backend, reference
 from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced
 
-_IMPLEMENTED = ("reference",)
+_IMPLEMENTED = ("triton", "cpp", "reference")
+
+
+def _kernels():
+    return importlib.import_module("kdfast.kernels.slot_attention")
+
+
+# Resolved when torch.compile traces (like _backend.resolve): the kernel module's import stays out of the graph.
+@torch.compiler.assume_constant_result
+def _within_triton_limit(backend: str, requested: str | None, device_type: str, K: int, D: int, Dv: int) -> str:
+    """Triton holds at most ``MAX_SLOTS`` slots and ``MAX_DIM`` features per program; above, name the fallback."""
+    if backend != "triton":
+        return backend
+    kernels = _kernels()
+    if K <= kernels.MAX_SLOTS and D <= kernels.MAX_DIM and Dv <= kernels.MAX_DIM:
+        return backend
+    fallback = "cpp" if device_type == "cpu" else "reference"
+    if requested == "triton":
+        raise ValueError(
+            f"kdfast.slot_attention_core: the triton backend handles K <= {kernels.MAX_SLOTS} slots and D, Dv <= "
+            f"{kernels.MAX_DIM}, got K={K}, D={D}, Dv={Dv}; use backend={fallback!r}"
+        )
+    return fallback
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -47,10 +71,18 @@ def _reference_forward(q, k, v, scale, eps, return_attn):
 
 def _kernel_forward(q, k, v, scale, eps, return_attn, backend):
     """(updates, attn or (B, K, 0), norm Z (B, K) in the accumulator dtype)."""
+    if backend == "cpp":
+        return torch.ops.kdfast._slot_attention_core_forward(q, k, v, scale, eps, return_attn)
+    if backend == "triton":
+        return _kernels().slot_attention_core_forward(q, k, v, scale, eps, return_attn)
     return _reference_forward(q, k, v, scale, eps, return_attn)
 
 
 def _kernel_backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps, backend):
+    if backend == "cpp":
+        return torch.ops.kdfast._slot_attention_core_backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps)
+    if backend == "triton":
+        return _kernels().slot_attention_core_backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps)
     return reference.slot_attention_core_backward(grad_updates, grad_attn, q, k, v, scale, eps)
 
 
@@ -120,8 +152,33 @@ def _reference_core(q, k, v, scale, eps, return_attn, backend):
     return updates, attn if return_attn else _no_attn(q, k), None
 
 
+class _SlotAttentionCore(torch.autograd.Function):
+    """The eager path of the kernel backends: the kernels called directly, without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, eps, return_attn, backend):
+        updates, attn, norm = _kernel_forward(q, k, v, scale, eps, return_attn, backend)
+        ctx.scale, ctx.eps, ctx.return_attn, ctx.backend = scale, eps, return_attn, backend
+        ctx.mark_non_differentiable(norm)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a tensor of zeros
+        ctx.save_for_backward(q, k, v, updates, norm)
+        return updates, attn, norm
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_updates, grad_attn, grad_norm):
+        q, k, v, updates, norm = ctx.saved_tensors
+        if grad_updates is None:
+            grad_updates = _zero_grad_updates(q, v)
+        if not ctx.return_attn:
+            grad_attn = None
+        grads = _kernel_backward(grad_updates, grad_attn, q, k, v, updates, norm, ctx.scale, ctx.eps, ctx.backend)
+        return *grads, None, None, None, None
+
+
 def _core(q, k, v, scale, eps, return_attn, backend):
-    return eager_or_traced(_reference_core, _slot_attention_core, q, k, v, scale, eps, return_attn, backend)
+    eager = _reference_core if backend == "reference" else _SlotAttentionCore
+    return eager_or_traced(eager, _slot_attention_core, q, k, v, scale, eps, return_attn, backend)
 
 
 def _check_core_inputs(q: Tensor, k: Tensor, v: Tensor, eps: float) -> float:
@@ -140,8 +197,9 @@ def _check_core_inputs(q: Tensor, k: Tensor, v: Tensor, eps: float) -> float:
     return eps
 
 
-def _resolve(backend: str | None, device_type: str) -> str:
-    return _backend.resolve("slot_attention_core", "_slot_attention_core_forward", backend, device_type, _IMPLEMENTED)
+def _resolve(backend: str | None, device_type: str, K: int, D: int, Dv: int) -> str:
+    chosen = _backend.resolve("slot_attention_core", "_slot_attention_core_forward", backend, device_type, _IMPLEMENTED)
+    return _within_triton_limit(chosen, backend, device_type, K, D, Dv)
 
 
 def slot_attention_core(
@@ -163,7 +221,8 @@ def slot_attention_core(
         k: (B, N, D) keys; v: (B, N, Dv) values; same device (mixed dtypes are promoted).
         scale: logit scale, default D ** -0.5; eps: added to the attention before the weighted mean.
         return_attn: also return the masks A (else None, and the kernels never write them).
-        backend: ``auto`` or ``reference`` (None: ``KDFAST_BACKEND``, default ``auto``).
+        backend: ``auto``, ``triton`` (K <= 64, D, Dv <= 256), ``cpp`` or ``reference`` (None:
+            ``KDFAST_BACKEND``, default ``auto``).
 
     Returns:
         updates (B, K, Dv) and the attention masks A (B, K, N, before eps) or None, in the inputs' dtype.
@@ -173,7 +232,7 @@ def slot_attention_core(
     if not isinstance(return_attn, bool):
         raise TypeError(f"return_attn must be a bool, got {type(return_attn).__name__}")
     dtype = _validate.compute_dtype(q, k, v)
-    chosen = _resolve(backend, q.device.type)
+    chosen = _resolve(backend, q.device.type, q.shape[1], q.shape[2], v.shape[2])
     q, k, v = _validate.cast(dtype, q, k, v)
     updates, attn, _ = _core(q, k, v, scale, eps, return_attn, chosen)
     return updates, attn if return_attn else None
@@ -295,7 +354,7 @@ def slot_attention(
     scale = Dq**-0.5 if scale is None else _validate.finite("scale", scale)
     out = slots.dtype
     acc = _acc(_validate.compute_dtype(slots, k, v, *p.values()))
-    chosen = _resolve(backend, slots.device.type)
+    chosen = _resolve(backend, slots.device.type, K, Dq, v.shape[2])
     s, k, v = _validate.cast(acc, slots, k, v)
     p = {key: value if value.dtype == acc else value.to(acc) for key, value in p.items()}
     with torch.autocast(slots.device.type, enabled=False):

@@ -4,11 +4,14 @@
     kdfast::slot_contrastive_loss_backward(grad, slots, temperature, batch_contrast, reduction, backend) -> grad
 
 Backends: ``triton`` (kdfast.kernels.slot_contrastive_loss: flash-style, the S x S logits never reach memory),
-``cpp`` (csrc/cpu/slot_contrastive_loss.cpp), ``reference``. The kernels' forward also returns the per-column
-log-sum-exp, which is all their backward needs besides the slots. Eager calls take an autograd.Function that
-saves it (one kernel each way; on CPU a mean or sum computes its gradient in the forward's pass, see
-_SlotContrastiveLoss); the custom op's backward, which torch.compile calls, only has the op's inputs, so it
-recomputes the log-sum-exp with the forward kernel first (two kernels backward).
+``cpp`` (csrc/cpu/slot_contrastive_loss.cpp), ``reference``. Every backend computes each term as
+softplus(r[j]), r[j] = logsumexp_{i != j} (l[i, j] - l[j, j]), not as the difference logsumexp - l[j, j],
+which cancels when the positive dominates (see kdfast.reference.slot_contrastive_loss). The kernels' forward
+also returns per column r and the negatives' log-sum-exp, which are all their backward needs besides the
+slots. Eager calls take an autograd.Function that saves them (one kernel each way; on CPU a mean or sum
+computes its gradient in the forward's pass, see _SlotContrastiveLoss); the custom op's backward, which
+torch.compile calls, only has the op's inputs, so it recomputes them with the forward kernel first (two
+kernels backward).
 """
 
 from __future__ import annotations
@@ -67,16 +70,26 @@ def _reduce(losses: Tensor, slots: Tensor, batch_contrast: bool, reduction: str)
     return losses if losses.dtype == slots.dtype else losses.to(slots.dtype)
 
 
-def _kernel_forward(slots: Tensor, temperature: float, batch_contrast: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """(losses, lse): the per-term losses and per-column log-sum-exp, (T-1, B*K) in the accumulator dtype."""
+def _kernel_forward(
+    slots: Tensor, temperature: float, batch_contrast: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(losses, log_odds, negatives_lse): the per-term losses and the per-column statistics of the backward,
+    each (T-1, B*K) in the accumulator dtype."""
     if backend == "triton":
         return _kernels().slot_contrastive_loss_forward(slots, temperature, batch_contrast, EPS)
     return torch.ops.kdfast._slot_contrastive_loss_forward(slots, temperature, batch_contrast, EPS)
 
 
 def _kernel_backward(
-    grad: Tensor, slots: Tensor, lse: Tensor, temperature: float, batch_contrast: bool, reduction: str, backend: str
+    grad: Tensor,
+    slots: Tensor,
+    stats: tuple[Tensor, Tensor],
+    temperature: float,
+    batch_contrast: bool,
+    reduction: str,
+    backend: str,
 ) -> Tensor:
+    """The slots' gradient from the forward's (log_odds, negatives_lse) ``stats``."""
     B, T, K, _ = slots.shape
     if reduction == "none":
         # (T-1, B*K) or (T-1, B, K), any strides: a view as (T-1, B, K) (splitting a dimension needs no copy)
@@ -87,10 +100,10 @@ def _kernel_backward(
         grad_scale = 1.0 / max((T - 1) * B * K, 1) if reduction == "mean" else 1.0
     if backend == "triton":
         return _kernels().slot_contrastive_loss_backward(
-            grad_losses, slots, lse, temperature, batch_contrast, EPS, grad_scale
+            grad_losses, slots, *stats, temperature, batch_contrast, EPS, grad_scale
         )
     return torch.ops.kdfast._slot_contrastive_loss_backward(
-        grad_losses, slots, lse, temperature, batch_contrast, EPS, grad_scale
+        grad_losses, slots, *stats, temperature, batch_contrast, EPS, grad_scale
     )
 
 
@@ -98,7 +111,7 @@ def _kernel_backward(
 def _slot_contrastive_loss(slots: Tensor, temperature: float, batch_contrast: bool, reduction: str, backend: str) -> Tensor:
     if backend == "reference":
         return _reference_loss(slots, temperature, batch_contrast, reduction, backend).contiguous()
-    losses, _ = _kernel_forward(slots, temperature, batch_contrast, backend)
+    losses, _, _ = _kernel_forward(slots, temperature, batch_contrast, backend)
     return _reduce(losses, slots, batch_contrast, reduction).contiguous()
 
 
@@ -117,9 +130,9 @@ def _slot_contrastive_loss_backward(
     if backend == "reference":
         args = (temperature, batch_contrast, reduction)
         return reference_vjp(reference.slot_contrastive_loss, (slots,), (grad,), *args)[0]
-    # Only the op's inputs reach here: the log-sum-exp is recomputed by the forward kernel.
-    _, lse = _kernel_forward(slots, temperature, batch_contrast, backend)
-    return _kernel_backward(grad, slots, lse, temperature, batch_contrast, reduction, backend)
+    # Only the op's inputs reach here: the statistics are recomputed by the forward kernel.
+    _, *stats = _kernel_forward(slots, temperature, batch_contrast, backend)
+    return _kernel_backward(grad, slots, stats, temperature, batch_contrast, reduction, backend)
 
 
 @_slot_contrastive_loss_backward.register_fake
@@ -146,8 +159,8 @@ class _SlotContrastiveLoss(torch.autograd.Function):
 
     ``fused`` (cpp, a mean or sum, a gradient wanted): the upstream gradient of a scalar loss is a constant, so
     the forward computes the gradient of the summed terms in the same pass over the logits tiles, and the
-    backward only scales it: the logits are formed once. Else the forward saves its log-sum-exp and the
-    backward recomputes the logits tile by tile (one kernel each way).
+    backward only scales it: the logits are formed once. Else the forward saves its per-column statistics and
+    the backward recomputes the logits tile by tile (one kernel each way).
     """
 
     @staticmethod
@@ -155,14 +168,14 @@ class _SlotContrastiveLoss(torch.autograd.Function):
         ctx.temperature, ctx.batch_contrast, ctx.reduction, ctx.backend = temperature, batch_contrast, reduction, backend
         ctx.fused = fused
         if fused:
-            losses, _, grad = torch.ops.kdfast._slot_contrastive_loss_forward_backward(
+            losses, grad = torch.ops.kdfast._slot_contrastive_loss_forward_backward(
                 slots, temperature, batch_contrast, EPS
             )
             ctx.save_for_backward(grad)
             ctx.dtype, ctx.count = slots.dtype, losses.numel()
         else:
-            losses, lse = _kernel_forward(slots, temperature, batch_contrast, backend)
-            ctx.save_for_backward(slots, lse)
+            losses, *stats = _kernel_forward(slots, temperature, batch_contrast, backend)
+            ctx.save_for_backward(slots, *stats)
         return _reduce(losses, slots, batch_contrast, reduction)
 
     @staticmethod
@@ -172,9 +185,9 @@ class _SlotContrastiveLoss(torch.autograd.Function):
             (grad_sum,) = ctx.saved_tensors
             scale = 1.0 / max(ctx.count, 1) if ctx.reduction == "mean" else 1.0
             return (grad_sum * (grad * scale)).to(ctx.dtype), None, None, None, None, None
-        slots, lse = ctx.saved_tensors
+        slots, *stats = ctx.saved_tensors
         args = (ctx.temperature, ctx.batch_contrast, ctx.reduction, ctx.backend)
-        return _kernel_backward(grad, slots, lse, *args), None, None, None, None, None
+        return _kernel_backward(grad, slots, stats, *args), None, None, None, None, None
 
 
 def _eager_loss(slots, temperature, batch_contrast, reduction, backend):

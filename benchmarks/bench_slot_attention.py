@@ -1,0 +1,159 @@
+"""Benchmarks of slot attention (design.md 3.1): the core, and the SlotAttention module (2 and 3 iterations).
+
+Each case is one op, one pass (``fwd`` or ``fwd+bwd``), one preset shape and one implementation (see
+conftest.py). The module's baselines are an eager SlotContrast-style module written from the formula (below)
+and torch.compile of it; kdfast's module loads its state_dict. Run through ``python benchmarks/report.py``, or
+
+    python -m pytest benchmarks/bench_slot_attention.py -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import kdfast.nn
+import kdfast.ops
+from kdfast import reference
+
+from .conftest import DEVICE, DTYPE, implementation_names, make_implementation, measure, synchronize
+
+# kdfast.ops.slot_attention is the function (re-exported by kdfast.ops); the module holds _IMPLEMENTED.
+slot_attention_ops = importlib.import_module("kdfast.ops.slot_attention")
+
+# SlotContrast configs (design.md 3.1), batch 64 per GPU: (B, N tokens, inp_dim, slot dim D, K slots). The
+# 2-core CPU machines run the same shapes at batch 8.
+PRESETS = {"movi-c": (64, 576, 64, 64, 11), "movi-e": (64, 576, 128, 128, 15), "ytvis": (64, 1369, 64, 64, 7)}
+CPU_BATCH = 8
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+class EagerSlotAttention(nn.Module):
+    """The SlotContrast / videosaur grouper as eager PyTorch (the baseline kdfast.nn.SlotAttention replaces)."""
+
+    def __init__(self, inp_dim, slot_dim, n_iters):
+        super().__init__()
+        self.to_k = nn.Linear(inp_dim, slot_dim, bias=False)
+        self.to_v = nn.Linear(inp_dim, slot_dim, bias=False)
+        self.to_q = nn.Linear(slot_dim, slot_dim, bias=False)
+        self.gru = nn.GRUCell(slot_dim, slot_dim)
+        self.mlp = nn.Module()
+        self.mlp.layers = nn.Sequential(
+            nn.LayerNorm(slot_dim), nn.Linear(slot_dim, 4 * slot_dim), nn.ReLU(), nn.Linear(4 * slot_dim, slot_dim)
+        )
+        self.norm_features = nn.LayerNorm(inp_dim)
+        self.norm_slots = nn.LayerNorm(slot_dim)
+        self.n_iters, self.eps, self.scale = n_iters, 1e-8, slot_dim**-0.5
+
+    def forward(self, slots, features):
+        features = self.norm_features(features)
+        keys, values = self.to_k(features), self.to_v(features)
+        for _ in range(self.n_iters):
+            slots = self.norm_slots(slots)
+            masks = torch.softmax(self.scale * torch.einsum("bkd,bnd->bkn", self.to_q(slots), keys), dim=1)
+            weights = masks + self.eps
+            updates = torch.einsum("bkn,bnd->bkd", weights / weights.sum(-1, keepdim=True), values)
+            slots = self.gru(updates.flatten(0, 1), slots.flatten(0, 1)).unflatten(0, slots.shape[:2])
+            slots = slots + self.mlp.layers(slots)
+        return {"slots": slots, "masks": masks}
+
+
+def reference_core(q, k, v):
+    return reference.slot_attention_core(q, k, v)
+
+
+def kdfast_core(q, k, v, backend):
+    return kdfast.ops.slot_attention_core(q, k, v, backend=backend)
+
+
+def make_core(B, N, inp_dim, D, K, backward, iters):
+    q = torch.randn(B, K, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
+    k = torch.randn(B, N, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
+    v = torch.randn(B, N, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
+    return reference_core, kdfast_core, (q, k, v), (q, k, v), lambda out: out[0]
+
+
+def make_module(B, N, inp_dim, D, K, backward, iters):
+    eager = EagerSlotAttention(inp_dim, D, iters).to(DEVICE, DTYPE)
+    fused = kdfast.nn.SlotAttention(inp_dim, D, n_iters=iters).to(DEVICE, DTYPE)
+    fused.load_state_dict(eager.state_dict())
+    slots = torch.randn(B, K, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
+    features = torch.randn(B, N, inp_dim, device=DEVICE, dtype=DTYPE, requires_grad=backward)
+
+    def kdfast_module(slots, features, backend):
+        fused.backend = backend
+        return fused(slots, features)
+
+    wrt = (slots, features, *eager.parameters(), *fused.parameters()) if backward else ()
+    return eager, kdfast_module, (slots, features), wrt, lambda out: out["slots"]
+
+
+# name -> (maker: (B, N, inp_dim, D, K, backward, iters) -> (eager, kdfast, inputs, wrt, output), iterations)
+OPS = {"slot_attention_core": (make_core, 0), "SlotAttention[2 iters]": (make_module, 2), "SlotAttention[3 iters]": (make_module, 3)}
+
+
+def cost(B, N, inp_dim, D, K, iters, backward) -> tuple[int, int]:
+    """(bytes, flops): the least memory traffic and the approximate floating-point operations.
+
+    Core forward: read q, k, v, write the updates and the (B, K, N) masks; 4 B K N D flops (logits and the
+    weighted sum). Backward: read q, k, v, the updates and their gradient, write dq, dk, dv; 10 B K N D.
+    Module: the features read and k, v written once, then per iteration the core without masks, plus the
+    last iteration's masks; the slot-sized layers are negligible next to them.
+    """
+    size = DTYPE.itemsize
+    slots, tokens = B * K * D, B * N * D
+    if iters == 0:
+        nbytes = (2 * slots + 2 * tokens + B * K * N) * size
+        grads = (3 * slots + 4 * tokens) * size
+        return nbytes + (grads if backward else 0), 4 * B * K * N * D + (10 * B * K * N * D if backward else 0)
+    nbytes = (B * N * inp_dim + 2 * tokens + iters * (2 * tokens) + B * K * N) * size
+    flops = 4 * B * N * inp_dim * D + iters * 4 * B * K * N * D
+    if backward:
+        nbytes += (B * N * inp_dim + 2 * tokens + iters * 4 * tokens) * size
+        flops += 8 * B * N * inp_dim * D + iters * 10 * B * K * N * D
+    return nbytes, flops
+
+
+CASES = [
+    pytest.param(op_name, pass_name, preset, impl, id=f"{op_name}-{pass_name}-{preset}-{impl}")
+    for op_name in OPS
+    for pass_name in PASSES
+    for preset in PRESETS
+    for impl in implementation_names("_slot_attention_core_forward", slot_attention_ops._IMPLEMENTED)
+]
+
+
+@pytest.mark.parametrize("op_name, pass_name, preset, impl", CASES)
+def test_slot_attention(benchmark, op_name, pass_name, preset, impl):
+    make, iters = OPS[op_name]
+    B, N, inp_dim, D, K = PRESETS[preset]
+    if DEVICE.type == "cpu":
+        B = CPU_BATCH
+    backward = pass_name == "fwd+bwd"
+    reference_fn, kdfast_fn, inputs, wrt, output_of = make(B, N, inp_dim, D, K, backward, iters)
+    fn = make_implementation(impl, reference_fn, kdfast_fn)
+    grad_output = torch.randn(B, K, D, device=DEVICE, dtype=DTYPE)
+
+    def step():
+        out = output_of(fn(*inputs))
+        if backward:
+            torch.autograd.grad(out, [t for t in wrt if t.requires_grad], grad_output, allow_unused=True)
+        synchronize()
+
+    nbytes, flops = cost(B, N, inp_dim, D, K, iters, backward)
+    measure(
+        benchmark,
+        step,
+        group=f"{op_name} {pass_name} {preset}",
+        impl=impl,
+        op=op_name,
+        **{"pass": pass_name},
+        preset=preset,
+        shape=f"B={B} N={N} inp={inp_dim} D={D} K={K}",
+        bytes=nbytes,
+        flops=flops,
+    )
