@@ -1,0 +1,331 @@
+"""The training loop: a task module, a batch function and a config in; the loss curve and a checkpoint out.
+
+A *task* is an ``nn.Module`` whose ``forward(batch)`` returns a dict of scalar tensors with a ``"loss"`` key (the
+other entries are logged). Everything the step needs that has state (models, loss modules with buffers such as
+GiniKLLoss's warm-up counter) lives in the task, so its state_dict is the whole model state of a checkpoint.
+*batches* is a callable ``(step, rank, world) -> dict of tensors``, a pure function of the step (see
+kdfast.train.data.Batches), so resuming needs no data-loader state.
+
+One call of :func:`fit` trains ``config.steps`` steps with AdamW, linear warm-up then cosine decay, optional AMP
+(bf16 or fp16 on CUDA, off on CPU by default) and gradient clipping; writes JSON lines to ``<out>/metrics.jsonl``
+and shows a tqdm bar with the loss and the throughput; saves ``<out>/checkpoint.pt`` every
+``checkpoint_every`` steps, at the end and when interrupted (Ctrl-C, SIGTERM); and resumes from it exactly:
+model, optimiser, scheduler, gradient scaler and every RNG, so the loss curve is the one of an uninterrupted run
+(bitwise on CPU). Under torchrun it trains with DistributedDataParallel, each rank on its slice of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdfast.train import checkpoint, distributed
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (one :func:`fit`).
+
+    steps: optimiser steps in all (a resumed run continues up to it). lr, weight_decay: AdamW.
+    warmup_steps: linear warm-up of the learning rate; then a cosine decay to ``min_lr_ratio * lr``.
+    grad_clip: clip the global gradient norm to this (None or 0: no clipping; the norm is logged either way).
+    amp: ``auto`` (bf16 on CUDA where supported, else fp16; off on CPU), ``off``, ``bf16`` or ``fp16`` (CUDA).
+    device: ``auto``, ``cpu``, ``cuda`` or ``cuda:i``. log_every: steps per JSON line.
+    checkpoint_every: steps between checkpoints (0: only at the end and when interrupted).
+    items_per_sample: how many items a sample counts for in the throughput (frames per video clip).
+    """
+
+    steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    amp: str = "auto"
+    device: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 0
+    progress: bool = True
+    description: str = "train"
+    items_per_sample: int = 1
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.log_every < 1 or self.checkpoint_every < 0:
+            raise ValueError(f"log_every must be >= 1 and checkpoint_every >= 0, got {self.log_every}, "
+                             f"{self.checkpoint_every}")
+
+
+@dataclass
+class Result:
+    """What one :func:`fit` call did. losses: the losses of the steps it ran (steps ``first_step`` to ``step``),
+    averaged over the ranks; items_per_s: throughput after the first step (items of ``items_per_sample``)."""
+
+    losses: list[float] = field(default_factory=list)
+    first_step: int = 0
+    step: int = 0
+    items_per_s: float = float("nan")
+    seconds: float = 0.0
+    checkpoint: Path | None = None
+    device: str = "cpu"
+    world: int = 1
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after Ctrl-C (or SIGTERM) once the checkpoint of the last finished step is written."""
+
+    def __init__(self, step: int, path: Path | None):
+        super().__init__(f"interrupted after step {step}" + (f"; checkpoint written to {path}" if path else ""))
+        self.step, self.path = step, path
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` mode on a device (None: no autocast)."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs a CUDA device (on CPU use 'bf16' or 'off')")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def _grad_scaler(enabled: bool):
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def _schedule(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        decay_steps = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step + 1 - config.warmup_steps) / decay_steps)  # the last step at the minimum
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _StopOnSignal:
+    """First Ctrl-C/SIGTERM: finish the step, checkpoint and stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+              "(Ctrl-C again to abort without one)", flush=True)
+
+    def __enter__(self):
+        if self.enabled:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batch_size(batch: dict) -> int:
+    return next(len(v) for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+class _Log:
+    """JSON lines on the main rank; on resume, the lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path | None, resume_step: int | None):
+        self.path = path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out: str | Path | None = None,
+        resume: bool | str | Path = False) -> Result:
+    """Train ``task`` on ``batches`` for ``config.steps`` steps (module docstring).
+
+    Args:
+        task: module whose ``forward(batch)`` returns a dict of scalars with a ``"loss"``.
+        batches: ``(step, rank, world) -> batch`` (a dict of tensors; the rank's slice of the global batch).
+        out: directory of ``checkpoint.pt`` and ``metrics.jsonl`` (None: neither is written).
+        resume: True to continue from ``<out>/checkpoint.pt`` when it exists, or a checkpoint path.
+
+    Raises:
+        TrainingInterrupted: after Ctrl-C or SIGTERM, once the checkpoint is written.
+    """
+    context = distributed.setup(config.device)
+    device = distributed.device_for(config.device, context)
+    out = Path(out) if out is not None else None
+    ckpt_path = out / "checkpoint.pt" if out is not None else None
+    task.to(device)
+    params = [p for p in task.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    dtype = amp_dtype(config.amp, device)
+    scaler = _grad_scaler(dtype == torch.float16)
+
+    start = 0
+    resume_from = (ckpt_path if resume is True else Path(resume) if resume else None)
+    if resume_from is not None and (resume is not True or resume_from.exists()):
+        state = checkpoint.load(resume_from)
+        task.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        checkpoint.set_rng_state(rng[context.rank % len(rng)] if isinstance(rng, list) else rng)
+        start = int(state["step"])
+        if start > config.steps:
+            raise ValueError(f"checkpoint {str(resume_from)!r} is at step {start}, past steps={config.steps}")
+    log = _Log(out / "metrics.jsonl" if out is not None and context.is_main else None, start if start else None)
+
+    model = task
+    if context.distributed:
+        model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(step: int) -> Path | None:
+        rng = checkpoint.rng_state()
+        if context.distributed:
+            gathered = [None] * context.world
+            torch.distributed.all_gather_object(gathered, rng)
+            rng = gathered
+        if ckpt_path is None or not context.is_main:
+            return None
+        return checkpoint.save(ckpt_path, step=step, model=task.state_dict(), optimizer=optimizer.state_dict(),
+                               scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng,
+                               config=asdict(config), world=context.world)
+
+    result = Result(first_step=start, step=start, device=str(device), world=context.world)
+    progress = _progress(config, start, context)
+    pending: list[tuple[int, list[str], torch.Tensor, float]] = []
+    started = time.perf_counter()
+    timed_from, timed_items = None, 0
+    with _StopOnSignal(enabled=True) as stop:
+        for step in range(start, config.steps):
+            batch = _to(batches(step, context.rank, context.world), device)
+            items = _batch_size(batch) * context.world * config.items_per_sample
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                outputs = model(batch)
+            loss = outputs["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            keys = [k for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+            values = torch.stack([outputs[k].detach().double().reshape(()) for k in keys])
+            # One all-reduce for all the logged scalars (the grad norm is already global after DDP's averaging).
+            values = torch.cat([distributed.mean(values, context), grad_norm.detach().double().reshape(1)])
+            pending.append((step + 1, [*keys, "grad_norm"], values, lr))
+            result.step = step + 1
+            if timed_from is None:
+                timed_from = time.perf_counter()
+            else:
+                timed_items += items
+            stopping = _agree(stop.requested, context, device)
+            if result.step % config.log_every == 0 or result.step == config.steps or stopping:
+                _flush(pending, result, log, progress, timed_from, timed_items)
+            if stopping or (config.checkpoint_every and result.step % config.checkpoint_every == 0):
+                result.checkpoint = save(result.step) or result.checkpoint
+            if stopping:
+                progress.close()
+                distributed.barrier(context)
+                raise TrainingInterrupted(result.step, result.checkpoint)
+        _flush(pending, result, log, progress, timed_from, timed_items)
+        progress.close()
+    result.seconds = time.perf_counter() - started
+    if timed_items:
+        result.items_per_s = timed_items / (time.perf_counter() - timed_from)
+    elif result.step > start:  # a single step: its own time, warm-up included
+        result.items_per_s = items / result.seconds
+    if ckpt_path is not None and (result.step > start or not ckpt_path.exists()):
+        result.checkpoint = save(result.step) or result.checkpoint
+    elif ckpt_path is not None:
+        result.checkpoint = ckpt_path  # already complete: nothing trained
+    distributed.barrier(context)
+    return result
+
+
+def _agree(requested: bool, context: distributed.Context, device: torch.device) -> bool:
+    """Whether any rank was asked to stop: all ranks must stop at the same step or the others would hang."""
+    if not context.distributed:
+        return requested
+    flag = torch.tensor([float(requested)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _progress(config: TrainConfig, start: int, context: distributed.Context):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start, desc=config.description, dynamic_ncols=True,
+                disable=not (config.progress and context.is_main), leave=True)
+
+
+def _flush(pending, result: Result, log: _Log, progress, timed_from, timed_items) -> None:
+    """Move the pending steps' scalars to the host (one sync per log interval) and log one line per step."""
+    if not pending:
+        return
+    keys = pending[0][1]
+    values = torch.stack([v for _, _, v, _ in pending]).tolist()
+    rate = timed_items / (time.perf_counter() - timed_from) if timed_items else None
+    for (step, _, _, lr), row in zip(pending, values):
+        record = {"step": step, **dict(zip(keys, row)), "lr": lr}
+        result.losses.append(record["loss"])
+        if rate is not None and step == pending[-1][0]:
+            record["items_per_s"] = rate
+        log.write(record)
+    progress.update(pending[-1][0] - progress.n)
+    postfix = {"loss": f"{record['loss']:.4f}"}
+    if rate is not None:
+        postfix["items/s"] = f"{rate:.1f}"
+    progress.set_postfix(postfix, refresh=False)
+    pending.clear()
+
+
+def load_model(task: nn.Module, path: str | Path) -> int:
+    """Load the model state of a training checkpoint into ``task``; the step it was saved at."""
+    state = checkpoint.load(path)
+    try:
+        task.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit this model: {exc}") from exc
+    return int(state["step"])
+

@@ -1,0 +1,194 @@
+"""``kdfast train wecolora``: weight copy + LoRA few-shot distillation of a ViT (WeCoLoRA).
+
+The teacher is kdfast.models.VisionTransformer trained briefly on ``shapes`` (CE), a kdfast checkpoint of that
+teacher (``--teacher run/teacher/checkpoint.pt``), or a timm model (``--teacher timm:<name>``, needs timm; images
+are resized to its input size). The student is kdfast.wecolora.build_student (every other block kept, LoRA on
+q, k, v, proj, fc1, fc2; only the adapters train), trained on a few-shot subset with the L1 feature loss on the
+last block's output. The report gives, on held-out images, the feature error against the teacher and the
+linear-probe accuracy of the average-pooled final tokens, for the teacher, the weight-copy-only student and the
+LoRA student.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdfast.models.vit import VisionTransformer
+from kdfast.train import data, distributed
+from kdfast.train.loop import fit, load_model
+from kdfast.train.recipes._common import Options, apply_backend, config, finish, parameter_count, seed_everything
+from kdfast.wecolora import build_student, feature_distillation_loss, last_block_output
+
+TEACHER_STEPS, STUDENT_STEPS, BATCH_SIZE, IMAGE_SIZE = 800, 600, 32, 32
+FEW_SHOT_PER_CLASS, PROBE_TRAIN, HELD_OUT, REDUCTION, RANK = 16, 600, 600, 2, 8
+VIT = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 2}
+# A ViT trained from scratch for a few minutes needs an easier task than the gini recipe's shapes to learn at all.
+EASY_SHAPES = {"noise": 0.05, "radius": (0.25, 0.45)}
+
+
+class _Resize(nn.Module):
+    """Resizes images to a model's input size (timm teachers at 224)."""
+
+    def __init__(self, model: nn.Module, size: int | None):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.size is not None and images.shape[-1] != self.size:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return images
+
+
+class ClassifierTask(nn.Module):
+    """CE of the teacher's head on the average-pooled final tokens (timm's ``global_pool="avg"``): a ViT trained
+    from scratch for a few hundred steps learns much faster from pooled tokens than from its class token."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = self.model.head(self.model.forward_features(batch["image"]).mean(1))
+        return {"loss": F.cross_entropy(logits, batch["label"]),
+                "accuracy": (logits.argmax(1) == batch["label"]).float().mean()}
+
+
+class DistillTask(nn.Module):
+    """WeCoLoRA's objective: L1 between the student's and the frozen teacher's last block outputs."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, size: int | None):
+        super().__init__()
+        self.student, self.teacher, self.resize = student, teacher.requires_grad_(False).eval(), _Resize(teacher, size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        images = self.resize(batch["image"])
+        with torch.no_grad():
+            target = last_block_output(self.teacher, images)
+        return {"loss": feature_distillation_loss(last_block_output(self.student, images), target)}
+
+
+def _teacher(options: Options, num_classes: int) -> tuple[nn.Module, int | None, str]:
+    """The teacher model, the image size it needs (None: the data's), and how it was obtained."""
+    spec = options.teacher
+    if spec is not None and spec.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise ImportError("--teacher timm:<name> needs timm (pip install timm)") from exc
+        model = timm.create_model(spec.removeprefix("timm:"), pretrained=True, num_classes=num_classes)
+        return model, model.patch_embed.img_size[0], f"timm {spec.removeprefix('timm:')} (pretrained)"
+    return VisionTransformer(num_classes=num_classes, **VIT), None, "kdfast ViT"
+
+
+@torch.no_grad()
+def _features(model: nn.Module, resize: _Resize, dataset, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Last-block tokens (for the feature error), pooled normalised tokens (for the probe), labels."""
+    model.eval()
+    tokens, cls, labels = [], [], []
+    for batch in data.evaluation_batches(dataset, 128):
+        images = resize(batch["image"].to(device))
+        blocks = last_block_output(model, images)
+        tokens.append(blocks.float().cpu())
+        cls.append(model.norm(blocks).mean(1).float().cpu())  # average-pooled tokens: robust for a small teacher
+        labels.append(batch["label"])
+    return torch.cat(tokens), torch.cat(cls), torch.cat(labels)
+
+
+def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, num_classes: int) -> float:
+    """Accuracy of a logistic-regression probe (full-batch L-BFGS, standardised features, light L2)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    probe = nn.Linear(train_x.shape[1], num_classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(train_x), train_y) + 1e-3 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float((probe(test_x).argmax(1) == test_y).float().mean())
+
+
+def _few_shot(dataset, num_classes: int, per_class: int) -> data.TensorDataset:
+    chosen, counts = [], [0] * num_classes
+    for i in range(len(dataset)):
+        label = int(dataset[i]["label"])
+        if counts[label] < per_class:
+            chosen.append(dataset[i])
+            counts[label] += 1
+        if len(chosen) == per_class * num_classes:
+            break
+    return data.TensorDataset(**data.collate(chosen))
+
+
+def datasets(options: Options):
+    if options.data is None:
+        shapes = data.Shapes.num_classes
+        return (data.Shapes(size=IMAGE_SIZE, seed=options.seed, split="train", **EASY_SHAPES),
+                data.Shapes(num_samples=PROBE_TRAIN + HELD_OUT, size=IMAGE_SIZE, seed=options.seed, split="held-out",
+                            **EASY_SHAPES), shapes, "shapes (synthetic; larger shapes, less noise)")
+    real = data.open_image_data(options.data, IMAGE_SIZE)
+    train, held_out = data.split(real, 0.3, options.seed)
+    return train, held_out, real.num_classes, options.data
+
+
+def run(options: Options) -> dict:
+    apply_backend(options.backend)
+    out = options.out_dir("wecolora")
+    train, evaluation, num_classes, source = datasets(options)
+    split_at = len(evaluation) // 2
+    probe_train = torch.utils.data.Subset(evaluation, range(split_at))
+    held_out = torch.utils.data.Subset(evaluation, range(split_at, len(evaluation)))
+    batch_size = options.batch_size or BATCH_SIZE
+
+    seed_everything(options.seed)
+    teacher, size, origin = _teacher(options, num_classes)
+    teacher_task = ClassifierTask(teacher)
+    if options.teacher is None:
+        cfg = config(options, "wecolora [teacher]", steps=TEACHER_STEPS, lr=1e-3, warmup_steps=30, weight_decay=0.05)
+        result = fit(teacher_task, data.Batches(train, batch_size, options.seed), cfg, out / "teacher",
+                     resume=options.resume)
+        origin, device = f"kdfast ViT trained {result.step} steps (CE)", torch.device(result.device)
+    else:
+        if not options.teacher.startswith("timm:"):
+            step = load_model(teacher_task, Path(options.teacher))
+            origin = f"kdfast ViT loaded from {options.teacher} (step {step})"
+        device = distributed.device_for(options.device, distributed.setup(options.device))
+        teacher.to(device)
+
+    few_shot = _few_shot(train, num_classes, FEW_SHOT_PER_CLASS)
+    weight_copy = build_student(teacher, REDUCTION, RANK).to(device)  # B = 0: exactly the weight-copy student
+    student = build_student(teacher, REDUCTION, RANK).to(device)
+    cfg = config(options, "wecolora [student]", steps=STUDENT_STEPS, lr=2e-3, warmup_steps=20)
+    result = fit(DistillTask(student, teacher, size), data.Batches(few_shot, min(batch_size, len(few_shot)),
+                                                                   options.seed), cfg, out / "student",
+                 resume=options.resume)
+
+    resize = _Resize(teacher, size)
+    teacher_tokens, *_ = _features(teacher, resize, held_out, device)
+    rows = []
+    for name, model in (("teacher", teacher), ("weight copy only", weight_copy), ("WeCoLoRA student", student)):
+        tokens, x_test, y_test = _features(model, resize, held_out, device)
+        _, x_train, y_train = _features(model, resize, probe_train, device)
+        rows.append({"model": name, "blocks": len(model.blocks), "parameters": parameter_count(model),
+                     "trainable": parameter_count(model, trainable_only=True) if name != "teacher" else None,
+                     "feature L1 to teacher": float((tokens - teacher_tokens).abs().mean()),
+                     "linear-probe accuracy": linear_probe(x_train, y_train, x_test, y_test, num_classes)})
+    report = {"recipe": "wecolora", "data": source, "teacher": origin, "few-shot images": len(few_shot),
+              "probe train / held-out images": f"{len(probe_train)} / {len(held_out)}",
+              "reduction factor": REDUCTION, "LoRA rank": RANK, "device": str(device),
+              "backend": options.backend or "auto", "world size": result.world,
+              "student distillation images/s": result.items_per_s, "rows": rows}
+    return finish(report, out)

@@ -1,0 +1,151 @@
+"""A few steps of each recipe at tiny sizes, the real-data loaders, and the ``kdfast`` command's errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kdfast import cli
+from kdfast.train import data
+from kdfast.train.recipes import gini, slotmatch, wecolora
+from kdfast.train.recipes._common import Options, format_report
+
+
+@pytest.fixture(autouse=True)
+def _small(monkeypatch):
+    """Tiny evaluation sets, one thread, and KDFAST_BACKEND restored after the recipe sets it."""
+    monkeypatch.setenv("KDFAST_BACKEND", "auto")
+    monkeypatch.setattr(gini, "EVAL_SAMPLES", 48)
+    monkeypatch.setattr(slotmatch, "EVAL_VIDEOS", 6)
+    monkeypatch.setattr(wecolora, "PROBE_TRAIN", 36)
+    monkeypatch.setattr(wecolora, "HELD_OUT", 24)
+    monkeypatch.setattr(wecolora, "FEW_SHOT_PER_CLASS", 2)
+    monkeypatch.setattr(wecolora, "VIT", {**wecolora.VIT, "depth": 4, "embed_dim": 32})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _options(tmp_path, **overrides) -> Options:
+    return Options(**{"steps": 2, "batch_size": 4, "device": "cpu", "out": str(tmp_path), "progress": False, **overrides})
+
+
+def test_gini_recipe(tmp_path):
+    report = gini.run(_options(tmp_path))
+    assert [row["run"] for row in report["rows"]] == ["ce", "ce+gini+kl"]
+    assert all(0 <= row["held-out accuracy"] <= 1 and row["steps"] == 2 for row in report["rows"])
+    assert json.loads((tmp_path / "report.json").read_text())["recipe"] == "gini"
+    assert "| ce+gini+kl" in format_report(report)
+
+
+def test_slotmatch_recipe_and_teacher_from_a_checkpoint(tmp_path):
+    report = slotmatch.run(_options(tmp_path / "a"))
+    teacher, student = report["rows"]
+    assert teacher["parameters"] > student["parameters"] > 0
+    for row in report["rows"]:
+        for masks in ("decoder", "attention", "token-grid bound"):
+            assert -1 <= row[f"FG-ARI ({masks})"] <= 1 and 0 <= row[f"mBO ({masks})"] <= 1
+        assert row["frames/s (inference)"] > 0
+    loaded = slotmatch.run(_options(tmp_path / "b", teacher=str(tmp_path / "a" / "teacher" / "checkpoint.pt")))
+    assert loaded["rows"][0]["trained"].startswith("loaded")
+    assert loaded["rows"][0]["FG-ARI (decoder)"] == teacher["FG-ARI (decoder)"]  # the same teacher and videos
+
+
+def test_wecolora_recipe(tmp_path):
+    report = wecolora.run(_options(tmp_path))
+    teacher, copy, student = report["rows"]
+    assert teacher["feature L1 to teacher"] == 0 and copy["feature L1 to teacher"] > 0
+    assert student["blocks"] == copy["blocks"] == teacher["blocks"] // 2
+    assert student["trainable"] < student["parameters"]
+
+
+def test_reference_backend_gives_the_same_losses(tmp_path):
+    # The recipe on the kdfast kernels and on the eager reference: the same run, up to float32 rounding.
+    losses = {}
+    for backend in ("auto", "reference"):
+        slotmatch.run(_options(tmp_path / backend, backend=backend))
+        lines = (tmp_path / backend / "student" / "metrics.jsonl").read_text().splitlines()
+        losses[backend] = torch.tensor([json.loads(line)["loss"] for line in lines])
+    torch.testing.assert_close(losses["auto"], losses["reference"], rtol=1e-4, atol=1e-6)
+
+
+def test_real_image_data(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cifar.npz", x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), y=np.arange(20) % 3)
+    dataset = data.open_image_data(tmp_path / "cifar.npz")
+    assert dataset[0]["image"].shape == (3, 32, 32) and dataset.num_classes == 3
+    report = gini.run(_options(tmp_path / "run", data=str(tmp_path / "cifar.npz")))
+    assert report["classes"] == 3 and report["held-out samples"] == 2
+
+    image = pytest.importorskip("PIL.Image")
+    for label in ("cat", "dog"):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            image.fromarray(pixels).save(tmp_path / "folder" / label / f"{i}.png")
+    folder = data.open_image_data(tmp_path / "folder", size=32)
+    assert len(folder) == 6 and folder[0]["image"].shape == (3, 32, 32) and folder.num_classes == 2
+
+
+def test_real_video_data(tmp_path):
+    features, masks = torch.randn(3, 9, 16, 8), torch.randint(0, 4, (3, 9, 12, 12))
+    torch.save({"features": features, "masks": masks}, tmp_path / "features.pt")
+    np.save(tmp_path / "features.npy", features.numpy())
+    clips = data.open_video_data(tmp_path / "features.pt", num_frames=4)
+    assert len(clips) == 6 and clips[0]["features"].shape == (4, 16, 8) and clips[0]["masks"].shape == (4, 12, 12)
+    torch.testing.assert_close(clips[1]["features"], features[0, 4:8])
+    assert "masks" not in data.open_video_data(tmp_path / "features.npy", num_frames=4)[0]
+    report = slotmatch.run(_options(tmp_path / "run", data=str(tmp_path / "features.pt")))
+    assert report["tokens per frame"] == 16 and "FG-ARI (decoder)" in report["rows"][1]
+
+    image = pytest.importorskip("PIL.Image")
+    for v in range(2):
+        (tmp_path / "frames" / f"v{v}" / "masks").mkdir(parents=True)
+        for t in range(5):
+            image.fromarray(np.full((32, 32, 3), 40 * t, dtype=np.uint8)).save(tmp_path / "frames" / f"v{v}" / f"{t:03d}.png")
+            image.fromarray(np.full((32, 32), t % 3, dtype=np.uint8)).save(tmp_path / "frames" / f"v{v}" / "masks" / f"{t:03d}.png")
+    video = data.open_video_data(tmp_path / "frames", num_frames=4)
+    assert len(video) == 2 and video[0]["video"].shape == (4, 3, 32, 32) and video[0]["masks"][2].unique().tolist() == [2]
+
+
+def test_synthetic_data_is_a_function_of_the_seed():
+    a, b = data.MovingShapes(num_samples=3, seed=5), data.MovingShapes(num_samples=3, seed=5, cache=False)
+    for key in ("video", "masks"):
+        assert torch.equal(a[2][key], b[2][key]) and torch.equal(a[2][key], a[2][key])
+    masks = a[0]["masks"]
+    assert masks.shape == (4, 32, 32) and 3 <= len(masks.unique()) - 1 <= 6  # 3-6 objects (a few may be hidden)
+    assert not torch.equal(a[0]["video"], data.MovingShapes(num_samples=3, seed=6)[0]["video"])
+    shapes = data.Shapes(num_samples=4)
+    assert shapes[3]["image"].shape == (3, 32, 32) and 0 <= int(shapes[3]["label"]) < data.Shapes.num_classes
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert cli.main(["train", "nope"]) == 2
+    assert "unknown recipe 'nope'" in capsys.readouterr().err
+    assert cli.main(["train", "gini", "--data", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", "gini", "--resume", "--out", str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
+    assert cli.main(["train", "slotmatch", "--teacher", str(tmp_path / "bad.pt"), "--out", str(tmp_path)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert cli.main(["train", "gini", "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_kdfast_info(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "reference: available" in out and "torch:" in out
+
+
+def test_python_m_kdfast_runs_the_command():
+    command = [sys.executable, "-m", "kdfast", "train", "nope"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "unknown recipe 'nope'" in done.stderr
