@@ -63,7 +63,12 @@ def triton_interpreting() -> bool:
 
 def _has_compiled_kernel(kernel: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"kdfast::{kernel}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"kdfast::{kernel}", key)
+    except RuntimeError:
+        # An extension built from older sources has no schema for an op added since: that backend is missing,
+        # not an error (unavailable_reason then says to rebuild).
+        return False
 
 
 def unavailable_reason(backend: str, kernel: str, device_type: str, implemented: tuple[str, ...]) -> str | None:
@@ -84,7 +89,8 @@ def unavailable_reason(backend: str, kernel: str, device_type: str, implemented:
     if extension_error() is not None:
         return extension_error()
     if not _has_compiled_kernel(kernel, device_type):
-        return f"kdfast._C was built without the {device_type} kernel {kernel}"
+        return (f"kdfast._C was built without the {device_type} kernel {kernel} (built from older sources? "
+                "rebuild with `pip install --no-build-isolation -e .`)")
     return None
 
 
