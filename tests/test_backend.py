@@ -95,3 +95,18 @@ def test_info_reports_every_backend():
     info = kdfast.info()
     assert set(info) >= {"kdfast", "torch", "devices", "reference", "cpp", "cuda", "triton"}
     assert info["reference"] == "available"
+
+
+def test_compile_caches_are_keyed_by_the_op_sources():
+    """A warm inductor cache must not replay graphs compiled against other fakes of kdfast's ops (a changed output
+    dtype would be read as the old one): importing kdfast.ops tags every compile-cache key with their digest."""
+    import kdfast.ops  # noqa: F401 - the import tags the caches
+    from kdfast.ops import _compile_cache
+
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        pytest.skip("this torch has no torch.compiler.config.cache_key_tag (< 2.6)")
+    digest = _compile_cache.ops_digest()
+    assert len(digest) == 16 and f"kdfast-ops-{digest}" in config.cache_key_tag
+    _compile_cache.tag_compile_caches()  # idempotent: the tag is not appended twice
+    assert config.cache_key_tag.count("kdfast-ops-") == 1

@@ -5,6 +5,7 @@ Every function validates its inputs, picks a backend (``backend=`` argument, els
 an autograd formula, so the ops work under autograd and torch.compile(fullgraph=True).
 """
 
+from kdfast.ops._compile_cache import tag_compile_caches
 from kdfast.ops.gini_kl import gini_impurity, gini_kl, gini_kl_from_statistics, gini_kl_statistics
 from kdfast.ops.lora import lora_attention, lora_linear, lora_qkv
 from kdfast.ops.slot_attention import slot_attention, slot_attention_core
@@ -26,3 +27,5 @@ __all__ = [
     "slot_cosine_similarity",
     "slot_match_loss",
 ]
+
+tag_compile_caches()
