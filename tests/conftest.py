@@ -26,6 +26,11 @@ def pytest_report_header(config):
     return [f"kdfast: test seed {SEED} (KDFAST_TEST_SEED={SEED} replays it)", f"kdfast: {_info()}"]
 
 
+def pytest_terminal_summary(terminalreporter):
+    # The header is hidden under -q (the README's and CI's command): repeat the seed where a failure is read.
+    terminalreporter.write_line(f"kdfast: test seed {SEED} (KDFAST_TEST_SEED={SEED} replays it)")
+
+
 def _info() -> str:
     import kdfast
 

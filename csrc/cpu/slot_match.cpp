@@ -340,15 +340,24 @@ KDFAST_CPU_CLONES void match_loss_backward_rows(int64_t begin, int64_t end, cons
     acc ss, tt, st;
     pair_dots(s, t, D, ss, tt, st);
     const acc ns = std::sqrt(ss);
-    const acc is = acc(1) / clamp_eps(ns, e), it = acc(1) / clamp_eps(std::sqrt(tt), e);
-    // -g (t / nct - [ns >= eps] cos s / ncs) / ncs, grouped so no factor exceeds the result's size.
-    const acc outer = -g_ptr[n * g_s0 + i * g_s1] * scale * is;
-    const acc cs = ns >= e ? st * is * it * is : acc(0);
+    const acc ncs = clamp_eps(ns, e), nct = clamp_eps(std::sqrt(tt), e);
+    // -g (t^ - [ns >= eps] cos s^) / ncs with the unit vectors s^ = s / ncs, t^ = t / nct divided, not multiplied
+    // by a rounded reciprocal, and cos = <s^, t^>: for parallel rows (always so at D = 1) the difference is then
+    // exactly 0, the true gradient, instead of rounding noise / ||s||.
+    acc cs = 0;
+    if (ns >= e) {
+#pragma omp simd reduction(+ : cs)
+      for (int64_t d = 0; d < D; ++d) {
+        cs += (static_cast<acc>(s[d]) / ncs) * (static_cast<acc>(t[d]) / nct);
+      }
+    }
+    const acc outer = -g_ptr[n * g_s0 + i * g_s1] * scale / ncs;
     scalar_t* o = out_ptr + row * D;
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) {
-      o[d] = static_cast<scalar_t>(outer * (static_cast<acc>(t[d]) * it - cs * static_cast<acc>(s[d])));
+      o[d] = static_cast<scalar_t>(outer * (static_cast<acc>(t[d]) / nct - cs * (static_cast<acc>(s[d]) / ncs)));
     }
+    (void)st;
   }
 }
 
