@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "vec.h"
 
 // The BLAS inside libtorch_cpu (LP64 Fortran interface, as torch's own CPUBlas calls it). Weak: a torch that
 // does not export them still loads this library, and the portable products are used instead.
@@ -44,71 +45,10 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
-// Returning a 64-byte vector has no fixed ABI without AVX-512; here such helpers are always inlined.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define KDFAST_VEC inline __attribute__((always_inline))
-
 namespace kdfast {
 namespace {
 
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(T);
-};
-template <typename T>
-using vec_t = typename Vec<T>::type;
-
-template <typename T>
-KDFAST_VEC vec_t<T> vload(const T* p) {
-  vec_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-KDFAST_VEC void vstore(T* p, const vec_t<T>& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <typename T>
-KDFAST_VEC vec_t<T> vsplat(T x) {
-  return vec_t<T>{} + x;
-}
-
-// exp of 16 floats for arguments <= 0 (x - max over the slots): exp(x) = 2^n exp(r), n = round(x / ln 2),
-// r = x - n ln 2 (ln 2 split in two for accuracy), exp(r) by its degree-6 Taylor-like minimax polynomial
-// (Cephes' coefficients, ~1 ulp). Below -87.3 (float's normal range) the result is 0; NaN stays NaN.
-KDFAST_VEC vec_t<float> vexp(vec_t<float> x) {
-  typedef int32_t vint __attribute__((vector_size(64)));
-  using vf = vec_t<float>;
-  const vf round = vsplat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const vf n = (x * 1.44269504088896341f + round) - round;
-  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
-          1.6666665459e-1f) * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vf two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  p = p * two_n;
-  p = x < vsplat(-87.3365447505531f) ? vsplat(0.0f) : p;
-  return x != x ? x : p;
-}
-
-// float64 is the gradcheck and oracle path: std::exp's accuracy matters more than its speed.
-KDFAST_VEC vec_t<double> vexp(vec_t<double> x) {
-  for (int64_t l = 0; l < Vec<double>::lanes; ++l) {
-    x[l] = std::exp(x[l]);
-  }
-  return x;
-}
-
-// A NaN logit needs no care here: exp(NaN - m) is NaN, so its column's sum and masks are NaN, as in torch.
-template <typename T>
-KDFAST_VEC vec_t<T> vmax(const vec_t<T>& a, const vec_t<T>& b) {
-  return a > b ? a : b;
-}
+using namespace vec;
 
 // Tokens per tile, and per work item: a whole number of vectors of float and double, fixed so that partial
 // sums do not depend on the thread count. Wide enough that the per-call cost of the BLAS is small against
@@ -230,7 +170,7 @@ void matmul(const T* a, int64_t lda, bool ta, const T* b, int64_t ldb, bool tb, 
 }
 
 template <typename T>
-KDFAST_VEC vec_t<T> lane_index() {
+KDFAST_INLINE vec_t<T> lane_index() {
   vec_t<T> index;
   for (int64_t l = 0; l < Vec<T>::lanes; ++l) {
     index[l] = T(l);
@@ -240,7 +180,7 @@ KDFAST_VEC vec_t<T> lane_index() {
 
 // x, with the lanes from `valid` on set to 0 (the tokens past the end of a tile).
 template <typename T>
-KDFAST_VEC vec_t<T> first_lanes(const vec_t<T>& x, int64_t valid) {
+KDFAST_INLINE vec_t<T> first_lanes(const vec_t<T>& x, int64_t valid) {
   return lane_index<T>() < vsplat(T(valid)) ? x : vec_t<T>{};
 }
 
@@ -337,7 +277,7 @@ KDFAST_CPU_CLONES void attention_gradients(T* L, T* P, int64_t K, int64_t ld, in
 
 // row[:n] += x[:n]
 template <typename T>
-KDFAST_VEC void add_into(T* row, const T* x, int64_t n) {
+KDFAST_INLINE void add_into(T* row, const T* x, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     row[j] += x[j];

@@ -33,15 +33,15 @@
 #include <vector>
 
 #include "../common.h"
+#include "vec.h"
 
-// Passing a 64-byte vector has no fixed ABI without AVX-512: every helper that takes or returns one is
-// always inlined (KDFAST_VEC), into the clone of each ISA that calls it. So is every other helper a clone
-// calls (KDFAST_INLINE, csrc/common.h): a call out of a clone runs the baseline code.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define KDFAST_VEC KDFAST_INLINE
+// Every helper a clone calls is always inlined (KDFAST_INLINE, csrc/common.h; the vectors in vec.h): a call out
+// of a clone would run the baseline code.
 
 namespace kdfast {
 namespace {
+
+using namespace vec;
 
 // Multiply-adds per thread below which the OpenMP fork costs more than it saves.
 constexpr int64_t kParallelWork = 1 << 15;
@@ -58,32 +58,6 @@ int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, work_per_item));
 }
 
-// 64-byte vectors (GCC/Clang vector extensions): one zmm in the AVX-512 clone, two ymm in the AVX2 clone,
-// four xmm in the baseline.
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(T);
-};
-template <typename T>
-using vec_t = typename Vec<T>::type;
-
-template <typename T>
-KDFAST_VEC vec_t<T> vload(const T* p) {
-  vec_t<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-KDFAST_VEC void vstore(T* p, const vec_t<T>& v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-template <typename T>
-KDFAST_VEC vec_t<T> vsplat(T x) {
-  return vec_t<T>{} + x;
-}
 
 KDFAST_INLINE int64_t round_up(int64_t n, int64_t m) {
   return (n + m - 1) / m * m;
@@ -103,52 +77,6 @@ KDFAST_INLINE T sigmoid(T r) {
   return r >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
 }
 
-// exp of 16 floats: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, ln 2 in two parts, a degree-5 polynomial for
-// exp(r), ~1 ulp), with n rounded by the 1.5 * 2^23 trick. 0 below the normal range (and for -inf); NaN stays
-// NaN. Arguments here are never above ~0 (x - max, or l - n off the diagonal); garbage from out-of-range n is
-// replaced.
-KDFAST_VEC vec_t<float> vexp(vec_t<float> x) {
-  typedef int32_t vint __attribute__((vector_size(64)));
-  using vf = vec_t<float>;
-  const vf magic = vsplat(12582912.0f);
-  const vf n = (x * 1.44269504088896341f + magic) - magic;
-  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf y = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
-          1.6666665459e-1f) * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  y = y * scale;
-  y = x < vsplat(-87.3365447505531f) ? vsplat(0.0f) : y;
-  return x != x ? x : y;
-}
-
-// double: the test and gradcheck path, where std::exp's accuracy matters more than speed.
-KDFAST_VEC vec_t<double> vexp(vec_t<double> x) {
-  for (int64_t l = 0; l < Vec<double>::lanes; ++l) {
-    x[l] = std::exp(x[l]);
-  }
-  return x;
-}
-
-template <typename T>
-KDFAST_VEC T hmax(const vec_t<T>& v) {
-  T m = v[0];
-  for (int64_t l = 1; l < Vec<T>::lanes; ++l) {
-    m = v[l] > m ? v[l] : m;
-  }
-  return m;
-}
-
-template <typename T>
-KDFAST_VEC T hsum(const vec_t<T>& v) {
-  T s = v[0];
-  for (int64_t l = 1; l < Vec<T>::lanes; ++l) {
-    s += v[l];
-  }
-  return s;
-}
 
 // The one micro-kernel, a register block of a matrix product: for r < rows (at most kRows) and the NV vectors
 // from out[r]: out[r] = scale * sum_{s < n} a[r * a_row + s * a_col] * b[s * b_row] (+ out[r] when
@@ -211,7 +139,7 @@ void product(const T* a, int64_t a_stride, int64_t rows, int64_t n, const T* b, 
 // NaN where any value is NaN) and the sum. m - l[j, j] is a logit difference, like the shifted logits
 // l[i, j] - l[j, j] of the definition; only the final softplus(r) turns it into the loss.
 template <typename T>
-KDFAST_VEC T shifted_negatives(T* row, int64_t cols, int64_t diagonal, T& sum) {
+KDFAST_INLINE T shifted_negatives(T* row, int64_t cols, int64_t diagonal, T& sum) {
   constexpr int64_t L = Vec<T>::lanes;
   constexpr T minus_inf = -std::numeric_limits<T>::infinity();
   const int64_t padded = round_up(cols, L);
