@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from harness import TOLERANCE, assert_close, implemented_cases, rand, relative_error
+from harness import TOLERANCE, assert_close, dtypes, implemented_cases, leaf, rand, relative_error
 
 from kdfast import ops, reference
 from kdfast.nn.gini_kl import GiniKLLoss
@@ -32,17 +32,6 @@ SHAPES = [
     (1, 70, (3, 3), 1000),
 ]
 TARGETS = ("batch", "uniform")
-
-
-def dtypes(device: str, backend: str) -> list[torch.dtype]:
-    if device == "cuda":
-        return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-    # numpy, which runs the Triton interpreter, has no bfloat16.
-    return [torch.float32, torch.float64] + ([] if backend == "triton" else [torch.bfloat16])
-
-
-def leaf(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().requires_grad_()
 
 
 def activations(B, F, spatial, dtype=torch.float32, device="cpu"):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from harness import TOLERANCE, assert_close, implemented_cases, rand, relative_error
+from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
 
 from kdfast import ops, reference
 
@@ -18,21 +18,6 @@ CASES = implemented_cases(contrastive._IMPLEMENTED)
 # 16-block and over two (22, 36, 33), D over one Triton chunk.
 SHAPES = [(1, 2, 1, 1), (2, 3, 5, 7), (3, 4, 7, 48), (2, 2, 11, 96), (1, 5, 17, 33), (3, 2, 11, 300)]
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def dtypes(device: str, backend: str) -> list[torch.dtype]:
-    if device == "cuda":
-        return [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-    # numpy, which runs the Triton interpreter, has no bfloat16.
-    return [torch.float32, torch.float64] + ([] if backend == "triton" else [torch.bfloat16])
-
-
-def leaf(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().requires_grad_()
-
-
-def grads_of(out: torch.Tensor, inputs, grad_out: torch.Tensor):
-    return torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
 
 
 def none_shape(B, T, K, batch_contrast):
