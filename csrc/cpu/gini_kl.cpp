@@ -98,40 +98,40 @@ KDFAST_VEC_INLINE typename Vec<T>::type load_abs(const scalar_t* p) {
     }
     std::memcpy(&v, tmp, sizeof(v));
   }
-  return v < T(0) ? -v : v;
+  // the sign bit cleared: one AND (a compare and blend otherwise)
+  using Bits = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+  typedef Bits bits_t __attribute__((vector_size(64)));
+  bits_t bits;
+  std::memcpy(&bits, &v, sizeof(v));
+  bits &= std::numeric_limits<Bits>::max();
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
 }
 
-// Sum of the lanes by halving, in vector registers.
-template <typename T, int Bytes = 64>
-KDFAST_VEC_INLINE T hsum(const typename Vec<T, Bytes>::type& v) {
-  if constexpr (Bytes == 16) {
-    T s = v[0];
-    for (int64_t l = 1; l < Vec<T, 16>::lanes; ++l) {
-      s += v[l];
-    }
-    return s;
-  } else {
-    typename Vec<T, Bytes / 2>::type lo, hi;
-    std::memcpy(&lo, &v, Bytes / 2);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
-    return hsum<T, Bytes / 2>(lo + hi);
+// acc[i] += |x[i]| in float64, i < P. Written as a loop over arrays: GCC 12 vectorises it with whole-register
+// conversions (vcvtps2pd ymm -> zmm), where __builtin_convertvector on vector types is split into quarters.
+template <int64_t P, typename scalar_t>
+KDFAST_VEC_INLINE void add_abs(double* __restrict acc, const scalar_t* __restrict x) {
+#pragma omp simd
+  for (int64_t i = 0; i < P; ++i) {
+    acc[i] += std::abs(static_cast<double>(x[i]));
   }
 }
 
-// sum_p |x[p]|, p < HW: whole vectors, then the tail.
-template <typename T, typename scalar_t>
-KDFAST_VEC_INLINE T abs_sum(const scalar_t* x, int64_t HW) {
-  constexpr int64_t L = Vec<T>::lanes;
-  typename Vec<T>::type acc = {};
-  int64_t p = 0;
-  for (; p + L <= HW; p += L) {
-    acc += load_abs<T>(x + p);
-  }
-  T s = hsum<T>(acc);
-  for (; p < HW; ++p) {
-    s += std::abs(static_cast<T>(x[p]));
-  }
-  return s;
+// Lane sums of 8 vectors of 8 doubles: result[r] = sum of the lanes of v[r], by a butterfly of shuffles and 7
+// vector adds (pairs of lanes, then quads, then halves; one fixed order).
+using Vec8d = typename Vec<double>::type;
+KDFAST_VEC_INLINE Vec8d pair_sums(const Vec8d& a, const Vec8d& b) {
+  return __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+}
+KDFAST_VEC_INLINE Vec8d quad_sums(const Vec8d& a, const Vec8d& b) {
+  return __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+}
+KDFAST_VEC_INLINE Vec8d transposed_sums(const Vec8d* v) {
+  const Vec8d low = quad_sums(pair_sums(v[0], v[1]), pair_sums(v[2], v[3]));
+  const Vec8d high = quad_sums(pair_sums(v[4], v[5]), pair_sums(v[6], v[7]));
+  return __builtin_shufflevector(low, high, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(low, high, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 template <typename T>
@@ -140,59 +140,74 @@ KDFAST_INLINE T sign_of(T x) {
   return x > T(0) ? T(1) : (x < T(0) ? T(-1) : x);
 }
 
-// out[j] = mean over positions of |a[b, f0 + j, :, :]|, j < nf, in float64.
+// out[j] += mean over positions of |a[b, f0 + j, :, :]| for each sample b of members[0 : count], in that order,
+// j < nf, in float64. pooled (nf) is scratch.
 template <typename scalar_t>
-KDFAST_CPU_CLONES void pool_features(const scalar_t* a, Layout l, Walk walk, int64_t b, int64_t f0, int64_t nf,
-                                     double inv_hw, double* out) {
-  const scalar_t* base = a + b * l.sb + f0 * l.sf;
-  if (walk == Walk::kFeaturesInner) {
-    std::fill(out, out + nf, 0.0);
-    for (int64_t h = 0; h < l.H; ++h) {
-      for (int64_t w = 0; w < l.W; ++w) {
-        const scalar_t* x = base + h * l.sh + w * l.sw;
-#pragma omp simd
-        for (int64_t j = 0; j < nf; ++j) {
-          out[j] += std::abs(static_cast<double>(x[j]));
-        }
-      }
-    }
-  } else if (walk == Walk::kPositionsInner) {
-    // Four features at a time: their horizontal sums are independent (a ResNet map has 16 or 49 positions,
-    // so a feature is two to seven vectors of doubles and the horizontal sum is a good share of the work).
-    const int64_t HW = l.H * l.W;
-    int64_t j = 0;
-    if (HW >= Vec<double>::lanes) {
-      for (; j + 4 <= nf; j += 4) {
-        const scalar_t* x = base + j * l.sf;
-        const double s0 = abs_sum<double>(x, HW), s1 = abs_sum<double>(x + l.sf, HW);
-        const double s2 = abs_sum<double>(x + 2 * l.sf, HW), s3 = abs_sum<double>(x + 3 * l.sf, HW);
-        out[j] = s0;
-        out[j + 1] = s1;
-        out[j + 2] = s2;
-        out[j + 3] = s3;
-      }
-    }
-    for (; j < nf; ++j) {
-      const scalar_t* x = base + j * l.sf;
-      double s = 0;
-      for (int64_t p = 0; p < HW; ++p) {
-        s += std::abs(static_cast<double>(x[p]));
-      }
-      out[j] = s;
-    }
-  } else {
-    for (int64_t j = 0; j < nf; ++j) {
-      double s = 0;
+KDFAST_CPU_CLONES void add_pooled(const scalar_t* a, Layout l, Walk walk, const int64_t* members, int64_t count,
+                                  int64_t f0, int64_t nf, double inv_hw, double* pooled, double* out) {
+  const int64_t HW = l.H * l.W;
+  for (int64_t m = 0; m < count; ++m) {
+    const scalar_t* base = a + members[m] * l.sb + f0 * l.sf;
+    if (walk == Walk::kFeaturesInner) {
+      std::fill(pooled, pooled + nf, 0.0);
       for (int64_t h = 0; h < l.H; ++h) {
         for (int64_t w = 0; w < l.W; ++w) {
-          s += std::abs(static_cast<double>(base[j * l.sf + h * l.sh + w * l.sw]));
+          const scalar_t* x = base + h * l.sh + w * l.sw;
+#pragma omp simd
+          for (int64_t j = 0; j < nf; ++j) {
+            pooled[j] += std::abs(static_cast<double>(x[j]));
+          }
         }
       }
-      out[j] = s;
+#pragma omp simd
+      for (int64_t j = 0; j < nf; ++j) {
+        out[j] += pooled[j] * inv_hw;
+      }
+      continue;
     }
-  }
-  for (int64_t j = 0; j < nf; ++j) {
-    out[j] *= inv_hw;
+    int64_t j = 0;
+    if (walk == Walk::kPositionsInner) {
+      // Eight features at a time, each summed in its own registers, and one transposing butterfly for the
+      // eight sums: a ResNet map has 16 or 49 positions, so a horizontal sum per feature would cost about as
+      // much as its loads. The positions past the last whole vector are added one by one.
+      constexpr int64_t L = Vec<double>::lanes, P = 2 * L;
+      const int64_t whole = HW / P * P;
+      for (; whole > 0 && j + L <= nf; j += L) {
+        const scalar_t* x = base + j * l.sf;
+        alignas(64) double acc[L][P] = {};
+        for (int64_t p = 0; p < whole; p += P) {
+          for (int64_t r = 0; r < L; ++r) {
+            add_abs<P>(acc[r], x + r * l.sf + p);
+          }
+        }
+        Vec8d halves[L];
+        for (int64_t r = 0; r < L; ++r) {
+          Vec8d low, high;
+          std::memcpy(&low, acc[r], sizeof(low));
+          std::memcpy(&high, acc[r] + L, sizeof(high));
+          halves[r] = low + high;
+        }
+        alignas(64) double sums[L];
+        const Vec8d v = transposed_sums(halves);
+        std::memcpy(sums, &v, sizeof(v));
+        for (int64_t r = 0; r < L; ++r) {
+          for (int64_t p = whole; p < HW; ++p) {
+            sums[r] += std::abs(static_cast<double>(x[r * l.sf + p]));
+          }
+          out[j + r] += sums[r] * inv_hw;
+        }
+      }
+    }
+    // the features left (any layout): one by one
+    for (; j < nf; ++j) {
+      double total = 0;
+      for (int64_t h = 0; h < l.H; ++h) {
+        for (int64_t w = 0; w < l.W; ++w) {
+          total += std::abs(static_cast<double>(base[j * l.sf + h * l.sh + w * l.sw]));
+        }
+      }
+      out[j] += total * inv_hw;
+    }
   }
 }
 
@@ -238,28 +253,42 @@ KDFAST_CPU_CLONES void scatter_features(const scalar_t* a, Layout la, scalar_t* 
   }
 }
 
-// Features per block of the statistics passes: a few blocks per thread, a multiple of 16 (whole cache lines of
-// the table's rows), at most 512. The results do not depend on it.
+// Features per block of the statistics passes: one block per thread, a multiple of 16 (whole cache lines of
+// the table's rows), so that each thread reads the longest contiguous runs of a sample that it can (the hardware
+// prefetchers lose a stream at every jump). The results do not depend on it.
 int64_t feature_block(int64_t F) {
-  const int64_t per = (F + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
-  return std::clamp<int64_t>((per + 15) / 16 * 16, 16, 512);
+  const int64_t per = (F + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::max<int64_t>((per + 15) / 16 * 16, 16);
 }
 
-// class_sums[:, f0 : f0 + nf] (float64) for one block of features: the batch in order, so that each class sum
-// has one order whatever the threads.
+// The samples grouped by class, each class's in batch order (a stable counting sort): class c's are
+// members[offsets[c] : offsets[c + 1]].
+struct ClassMembers {
+  std::vector<int64_t> members, offsets;
+  ClassMembers(const int64_t* y, int64_t B, int64_t C) : members(B), offsets(C + 1, 0) {
+    for (int64_t b = 0; b < B; ++b) {
+      ++offsets[y[b] + 1];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      offsets[c + 1] += offsets[c];
+    }
+    std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+    for (int64_t b = 0; b < B; ++b) {
+      members[next[y[b]]++] = b;
+    }
+  }
+};
+
+// class_sums[:, f0 : f0 + nf] (float64) for one block of features, class by class: a class's row stays in
+// cache while its samples are added, in batch order, so each class sum has one order whatever the threads.
 template <typename scalar_t>
-void statistics_block(const scalar_t* a, Layout l, Walk walk, const int64_t* y, int64_t B, int64_t C, int64_t F,
+void statistics_block(const scalar_t* a, Layout l, Walk walk, const ClassMembers& classes, int64_t C, int64_t F,
                       int64_t f0, int64_t nf, double inv_hw, double* pooled, double* sums) {
   for (int64_t c = 0; c < C; ++c) {
-    std::fill(sums + c * F + f0, sums + c * F + f0 + nf, 0.0);
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    pool_features<scalar_t>(a, l, walk, b, f0, nf, inv_hw, pooled);
-    double* row = sums + y[b] * F + f0;
-#pragma omp simd
-    for (int64_t j = 0; j < nf; ++j) {
-      row[j] += pooled[j];
-    }
+    double* row = sums + c * F + f0;
+    std::fill(row, row + nf, 0.0);
+    const int64_t first = classes.offsets[c], count = classes.offsets[c + 1] - first;
+    add_pooled<scalar_t>(a, l, walk, classes.members.data() + first, count, f0, nf, inv_hw, pooled, row);
   }
 }
 
@@ -302,6 +331,7 @@ std::tuple<at::Tensor, at::Tensor> statistics_kernel(const at::Tensor& a, const 
   const Layout l = layout_of(a);
   const Walk walk = walk_of(l);
   const int64_t fb = feature_block(F), blocks = (F + fb - 1) / fb;
+  const ClassMembers classes(y, B, C);
   double* s = sums.mutable_data_ptr<double>();
   const double inv_hw = 1.0 / static_cast<double>(l.H * l.W);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "_gini_kl_statistics", [&] {
@@ -309,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> statistics_kernel(const at::Tensor& a, const 
     at::parallel_for(0, blocks, grain((B * l.H * l.W + C) * fb), [&](int64_t begin, int64_t end) {
       std::vector<double> pooled(fb);
       for (int64_t blk = begin; blk < end; ++blk) {
-        statistics_block<scalar_t>(a_ptr, l, walk, y, B, C, F, blk * fb, std::min(fb, F - blk * fb), inv_hw,
+        statistics_block<scalar_t>(a_ptr, l, walk, classes, C, F, blk * fb, std::min(fb, F - blk * fb), inv_hw,
                                    pooled.data(), s);
       }
     });
