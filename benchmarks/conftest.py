@@ -10,7 +10,10 @@ Every op is compared as: ``eager`` (kdfast.reference, the seed repos' plain-PyTo
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -30,7 +33,28 @@ KDFAST_BACKENDS = ("triton", "cuda", "cpp", "reference")
 WARMUP_CALLS = 3
 
 
+def keep_freed_memory() -> bool:
+    """On glibc, keep freed memory in the process (as a caching allocator does) instead of returning it to the OS.
+
+    The ops here return outputs of tens of MB (a gradient as large as the activations). glibc serves each from
+    fresh pages or from memory it kept, depending on the history of allocations and frees; fresh pages cost the
+    kernel's zeroing and one fault per page, 1-3 ms per 26 MB here, charged at random to whichever
+    implementation happens to get them. Raising the mmap and trim thresholds makes every implementation reuse
+    memory, so the times compare the computations. Returns whether it applied (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+        return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def pytest_configure(config):
+    if DEVICE.type == "cpu":
+        config.kdfast_keeps_freed_memory = keep_freed_memory()
     if DEVICE.type not in DTYPES:
         raise pytest.UsageError(f"KDFAST_BENCH_DEVICE must be cpu or cuda, got {DEVICE.type!r}")
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -44,7 +68,10 @@ def pytest_report_header(config):
     import kdfast
 
     backends = ", ".join(f"{k}={v}" for k, v in kdfast.info().items())
-    return [f"kdfast benchmarks on {DEVICE} in {DTYPE_NAME}: {backends}"]
+    lines = [f"kdfast benchmarks on {DEVICE} in {DTYPE_NAME}: {backends}"]
+    if getattr(config, "kdfast_keeps_freed_memory", False):
+        lines.append("glibc keeps freed memory (mallopt): outputs reuse memory instead of faulting in fresh pages")
+    return lines
 
 
 def kdfast_backends(kernel: str, implemented: tuple[str, ...]) -> list[str]:

@@ -231,6 +231,9 @@ def render(groups: dict[str, list[dict]], header: dict) -> str:
         # cores: a loaded machine can turn microseconds into milliseconds.
         lines.append(f"**Warning:** load average up to {header['cpu_load']:.1f} on {header['cpu_count']} cores "
                      "around the run: other processes competed for the CPU; the times are not reliable.")
+    if header["device"] == "cpu":
+        lines.append("Freed memory stays in the process (glibc mallopt, benchmarks/conftest.py keep_freed_memory): "
+                     "large outputs reuse memory, as under a caching allocator, instead of faulting in fresh pages.")
     lines += ["", "Speedups are ratios of medians measured side by side in this run (> 1: faster).", "",
               "## Summary", ""]
     lines += [f"- {summary_line(group, rows)}" for group, rows in groups.items()]
