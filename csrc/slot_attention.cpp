@@ -1,5 +1,6 @@
 // Schemas of the slot attention core kernels (design.md 3.1). The public autograd op
-// (kdfast::slot_attention_core) is defined in kdfast/ops and calls these.
+// (kdfast::slot_attention_core) is defined in kdfast/ops and calls these; in eager mode the cpp backend calls
+// _slot_attention_core_cpp, whose backward is a C++ autograd node.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
@@ -11,4 +12,8 @@ TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   m.def(
       "_slot_attention_core_backward(Tensor grad_updates, Tensor? grad_attn, Tensor q, Tensor k, Tensor v, "
       "Tensor updates, Tensor norm, float scale, float eps) -> (Tensor, Tensor, Tensor)");
+  // The two above as one differentiable op with a C++ autograd node (CPU tensors): the cpp backend's eager path.
+  m.def(
+      "_slot_attention_core_cpp(Tensor q, Tensor k, Tensor v, float scale, float eps, bool return_attn) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -17,7 +17,7 @@ slot_attention_module = importlib.import_module("kdfast.ops.slot_attention")
 CASES = implemented_cases(slot_attention_module._IMPLEMENTED)
 # (B, K, N, D, Dv): singletons, N = 1, K = 1, D not a power of two (48, 96), N not a multiple of a tile (37),
 # values of another width than the keys, the SlotContrast movi-c slot count (11), the Triton limits (K = 64,
-# D = Dv = 256).
+# D = Dv = 256), and N = 300 over two of the cpp backend's 256-token tiles (the second one partial).
 SHAPES = [
     (1, 1, 1, 1, 1),
     (2, 3, 1, 16, 16),
@@ -27,6 +27,7 @@ SHAPES = [
     (2, 5, 37, 48, 20),
     (1, 64, 20, 16, 16),
     (1, 3, 9, 256, 256),
+    (2, 5, 300, 24, 24),
 ]
 
 
@@ -81,6 +82,15 @@ def test_gradient_through_one_output_only(device, backend):
                 assert g is None or not g.any(), f"grad of {name} should be zero"
                 continue
             assert_close(g, w, torch.float32, f"output {which}: grad of {name}")
+
+
+@pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "cpp"])
+def test_cpp_refuses_double_backward(device, backend):
+    """The cpp backward (a C++ autograd node) is not differentiable: create_graph gets an error, not a wrong number."""
+    q, k, v = inputs(2, 3, 5, 4, 4, dtype=torch.float64, device=device)
+    updates, _ = ops.slot_attention_core(q, k, v, backend=backend)
+    with pytest.raises(RuntimeError, match="not differentiable.*backend='reference'"):
+        torch.autograd.grad(updates.sum(), (q, k, v), create_graph=True)
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)

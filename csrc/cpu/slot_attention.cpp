@@ -1,16 +1,17 @@
 // CPU kernels of the slot attention core (design.md 3.1): one pass over the N tokens each way.
 //
-// Per batch element, tokens are taken in tiles of kTile. The products of a tile run in the BLAS that torch
-// links (MKL or OpenBLAS: its Fortran sgemm_/dgemm_), called directly, so they cost what a GEMM of that size
-// costs and nothing of the dispatcher; everything elementwise between them is one fused pass over the (K, tile)
-// block while it is in cache, with one vector lane per token (the softmax runs over the K slots).
+// Per batch element, tokens are taken in tiles of kTile. The products of a tile with a long inner dimension run
+// in the BLAS that torch links (MKL or OpenBLAS: its Fortran sgemm_/dgemm_), called directly, so they cost what a
+// GEMM of that size costs and nothing of the dispatcher; those over the K slots (dv, dk) in register-blocked
+// loops (a BLAS call spends more packing their operands than computing them). Everything elementwise between them
+// is one fused pass over the (K, tile) block while it is in cache, with one vector lane per token (the softmax
+// runs over the K slots).
 //   forward:  L = q k_tile^T; W = softmax_slots(s L) + eps, Z += sum_t W (and the masks stored);
 //             numerator += W v_tile.
 //   backward: the attention is recomputed from q and k (nothing of size (K, N) is saved): L = q k_tile^T,
 //             P = G v_tile^T; then dL and W / Z in one pass; dv_tile = (W / Z)^T G, dk_tile = dL^T q,
 //             dq += dL k_tile.
-// Where torch exports no such BLAS (or KDFAST_CPU_BLAS=0), the same products run in portable register-blocked
-// loops.
+// Where torch exports no such BLAS (or KDFAST_CPU_BLAS=0), every product runs in the register-blocked loops.
 //
 // Threads take (batch element, tile) pairs. The partial sums of a tile (numerator and Z forward, dq backward)
 // go to their own slot of a buffer and are added up tile by tile in order at the end, and each BLAS call runs
@@ -20,6 +21,7 @@
 // float16/bfloat16 inputs are computed in float32 (converted once here); float64 in float64.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -54,6 +56,9 @@ using namespace vec;
 // sums do not depend on the thread count. Wide enough that the per-call cost of the BLAS is small against
 // the product, small enough that the (K, tile) blocks stay in L1/L2.
 constexpr int64_t kTile = 256;
+// Products whose inner dimension is at most this (dv and dk: the K slots) run in product(): a BLAS call
+// spends more on packing than such a product costs.
+constexpr int64_t kSmallInner = 16;
 
 // KDFAST_CPU_BLAS=0 uses the portable products even where torch exports a BLAS (read once).
 inline bool blas_disabled() {
@@ -99,39 +104,68 @@ class SingleThreadedBlas {
   int previous_;
 };
 
+// One register block of product: R rows by NV whole vectors of columns.
+template <typename T, int R, int NV>
+KDFAST_INLINE void product_block(const T* a, int64_t ar, int64_t as, const T* b, int64_t ldb, int64_t S, T* out,
+                                 int64_t ldo, bool accumulate) {
+  constexpr int64_t V = Vec<T>::lanes;
+  vec_t<T> acc[R][NV] = {};
+  for (int64_t s = 0; s < S; ++s) {
+    vec_t<T> bv[NV];
+    for (int j = 0; j < NV; ++j) {
+      bv[j] = vload(b + s * ldb + j * V);
+    }
+    for (int r = 0; r < R; ++r) {
+      const vec_t<T> w = vsplat(a[r * ar + s * as]);
+      for (int j = 0; j < NV; ++j) {
+        acc[r][j] += w * bv[j];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < NV; ++j) {
+      T* o = out + r * ldo + j * V;
+      vstore(o, accumulate ? vload(o) + acc[r][j] : acc[r][j]);
+    }
+  }
+}
+
+// The rows < R left below a whole block of R, as one block of that height (the slots left after blocks of
+// four are a good share of K = 7 to 15).
+template <typename T, int R, int NV>
+KDFAST_INLINE void rest_rows(int64_t rows, const T* a, int64_t ar, int64_t as, const T* b, int64_t ldb, int64_t S,
+                             T* out, int64_t ldo, bool accumulate) {
+  if constexpr (R > 1) {
+    if (rows == R - 1) {
+      product_block<T, R - 1, NV>(a, ar, as, b, ldb, S, out, ldo, accumulate);
+    } else if (rows > 0) {
+      rest_rows<T, R - 1, NV>(rows, a, ar, as, b, ldb, S, out, ldo, accumulate);
+    }
+  }
+}
+
 // out[r, c] = (out[r, c] if accumulate else 0) + sum_{s < S} a[r * ar + s * as] * b[s * ldb + c], r < M, c < C.
-// Register blocks of 4 rows by 4 vectors: each vector of b loaded serves 4 rows. Columns past the last whole
-// vector are done one by one (b is never read past column C).
+// Register blocks of 4 rows by 4 vectors (each vector of b loaded serves 4 rows), then 8 rows by one vector for
+// narrow products; columns past the last whole vector one by one (b is never read past column C).
 template <typename T>
 KDFAST_CPU_CLONES void product(const T* a, int64_t ar, int64_t as, const T* b, int64_t ldb, int64_t M, int64_t S,
                                int64_t C, T* out, int64_t ldo, bool accumulate) {
   constexpr int64_t V = Vec<T>::lanes;
-  constexpr int64_t R = 4, NV = 4;
   const int64_t vector_cols = C / V * V;
-  for (int64_t c0 = 0; c0 < vector_cols; c0 += NV * V) {
-    const int64_t nv = std::min<int64_t>(NV, (vector_cols - c0) / V);
-    for (int64_t r0 = 0; r0 < M; r0 += R) {
-      const int64_t nr = std::min<int64_t>(R, M - r0);
-      vec_t<T> acc[R][NV] = {};
-      for (int64_t s = 0; s < S; ++s) {
-        vec_t<T> bv[NV];
-        for (int64_t j = 0; j < NV; ++j) {
-          bv[j] = j < nv ? vload(b + s * ldb + c0 + j * V) : vec_t<T>{};
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          const vec_t<T> w = vsplat(r < nr ? a[(r0 + r) * ar + s * as] : T(0));
-          for (int64_t j = 0; j < NV; ++j) {
-            acc[r][j] += w * bv[j];
-          }
-        }
-      }
-      for (int64_t r = 0; r < nr; ++r) {
-        for (int64_t j = 0; j < nv; ++j) {
-          T* o = out + (r0 + r) * ldo + c0 + j * V;
-          vstore(o, accumulate ? vload(o) + acc[r][j] : acc[r][j]);
-        }
-      }
+  int64_t c0 = 0;
+  for (; c0 + 4 * V <= vector_cols; c0 += 4 * V) {
+    int64_t r0 = 0;
+    for (; r0 + 4 <= M; r0 += 4) {
+      product_block<T, 4, 4>(a + r0 * ar, ar, as, b + c0, ldb, S, out + r0 * ldo + c0, ldo, accumulate);
     }
+    rest_rows<T, 4, 4>(M - r0, a + r0 * ar, ar, as, b + c0, ldb, S, out + r0 * ldo + c0, ldo, accumulate);
+  }
+  for (; c0 < vector_cols; c0 += V) {
+    int64_t r0 = 0;
+    for (; r0 + 8 <= M; r0 += 8) {
+      product_block<T, 8, 1>(a + r0 * ar, ar, as, b + c0, ldb, S, out + r0 * ldo + c0, ldo, accumulate);
+    }
+    rest_rows<T, 8, 1>(M - r0, a + r0 * ar, ar, as, b + c0, ldb, S, out + r0 * ldo + c0, ldo, accumulate);
   }
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t c = vector_cols; c < C; ++c) {
@@ -145,11 +179,12 @@ KDFAST_CPU_CLONES void product(const T* a, int64_t ar, int64_t as, const T* b, i
 }
 
 // Row-major out (M, C) = op(a) (M, S) op(b) (S, C), op(x) = x^T where its flag is set (a transposed is stored
-// (S, M), b transposed (C, S)). scratch (S * C) is only used without a BLAS, to hold b^T.
+// (S, M), b transposed (C, S)). The BLAS takes the products with a long inner dimension; those over the K slots
+// (dv and dk) cost less than its packing and run in product(). scratch (S * C) holds b^T for product().
 template <typename T>
 void matmul(const T* a, int64_t lda, bool ta, const T* b, int64_t ldb, bool tb, int64_t M, int64_t S, int64_t C,
             T* out, int64_t ldo, T* scratch) {
-  if (have_blas(out)) {
+  if (have_blas(out) && S > kSmallInner) {
     // Column-major BLAS sees every row-major matrix transposed: out^T = op(b)^T op(a)^T.
     const int m = static_cast<int>(C), n = static_cast<int>(M), k = static_cast<int>(S);
     const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildo = static_cast<int>(ldo);
@@ -230,40 +265,55 @@ KDFAST_CPU_CLONES void attention_weights(T* L, int64_t K, int64_t ld, int64_t tn
   }
 }
 
-// Backward pass over the tile's blocks L = <q_i, k_t> and P = <G_i, v_t> (K, ld), t < tn. With A the softmax
-// over the slots of scale L and g_i = (P_i - c_i) / Z_i + GA_i (the gradient reaching A), P becomes
-// dL = scale A (g - sum_j A_j g_j) and L becomes W / Z = (A + eps) / Z_i. GA (K, ga_ld) may be null.
+// x[:valid] as a vector, the lanes past it 0 (never reading past x[valid - 1]).
+template <typename T>
+KDFAST_INLINE vec_t<T> load_first(const T* x, int64_t valid) {
+  if (valid == Vec<T>::lanes) {
+    return vload(x);
+  }
+  T lanes[Vec<T>::lanes] = {};
+  std::copy(x, x + valid, lanes);
+  return vload(lanes);
+}
+
+// Backward pass over the tile's block P = <G_i, v_t> (K, ld), t < tn, and the attention A of its tokens: the
+// softmax over the slots of scale L, L = <q_i, k_t> (K, ld), recomputed from L where saved_A is null, else read
+// from saved_A (K, a_ld), as the forward stored it. With g_i = (P_i - c_i) / Z_i + GA_i (the gradient reaching
+// A), P becomes dL = scale A (g - sum_j A_j g_j) and L becomes W / Z = (A + eps) / Z_i. GA (K, ga_ld) may be null.
 template <typename T>
 KDFAST_CPU_CLONES void attention_gradients(T* L, T* P, int64_t K, int64_t ld, int64_t tn, T scale, T eps, const T* c,
-                                           const T* inv_z, const T* GA, int64_t ga_ld) {
+                                           const T* inv_z, const T* GA, int64_t ga_ld, const T* saved_A,
+                                           int64_t a_ld) {
   constexpr int64_t V = Vec<T>::lanes;
   for (int64_t t = 0; t < tn; t += V) {
     const int64_t valid = std::min(V, tn - t);
-    vec_t<T> m = scale * vload(L + t);
-    for (int64_t i = 1; i < K; ++i) {
-      m = vmax<T>(m, scale * vload(L + i * ld + t));
+    if (saved_A == nullptr) {
+      vec_t<T> m = scale * vload(L + t);
+      for (int64_t i = 1; i < K; ++i) {
+        m = vmax<T>(m, scale * vload(L + i * ld + t));
+      }
+      vec_t<T> total = {};
+      for (int64_t i = 0; i < K; ++i) {
+        const vec_t<T> e = vexp(scale * vload(L + i * ld + t) - m);
+        vstore(L + i * ld + t, e);
+        total += e;
+      }
+      const vec_t<T> inv = T(1) / total;
+      for (int64_t i = 0; i < K; ++i) {
+        vstore(L + i * ld + t, vload(L + i * ld + t) * inv);
+      }
+    } else {
+      for (int64_t i = 0; i < K; ++i) {
+        vstore(L + i * ld + t, load_first(saved_A + i * a_ld + t, valid));
+      }
     }
-    vec_t<T> total = {};
-    for (int64_t i = 0; i < K; ++i) {
-      const vec_t<T> e = vexp(scale * vload(L + i * ld + t) - m);
-      vstore(L + i * ld + t, e);
-      total += e;
-    }
-    const vec_t<T> inv = T(1) / total;
     vec_t<T> colsum = {};
     for (int64_t i = 0; i < K; ++i) {
-      const vec_t<T> a = vload(L + i * ld + t) * inv;
+      const vec_t<T> a = vload(L + i * ld + t);
       vec_t<T> g = (vload(P + i * ld + t) - c[i]) * inv_z[i];
       if (GA != nullptr) {
-        if (valid == V) {
-          g += vload(GA + i * ga_ld + t);
-        } else {
-          T lanes[V] = {};
-          std::copy(GA + i * ga_ld + t, GA + i * ga_ld + t + valid, lanes);
-          g += vload(lanes);
-        }
+        g += load_first(GA + i * ga_ld + t, valid);
       }
-      vstore(L + i * ld + t, a);
       vstore(P + i * ld + t, g);
       colsum += a * g;
     }
@@ -293,8 +343,14 @@ Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return {q.size(0), q.size(1), N, q.size(2), v.size(2), (N + kTile - 1) / kTile};
 }
 
-// Per-thread working memory: the (K, kTile) blocks, the K vectors of Z's partial sums, and (without a BLAS)
-// room for a transposed tile of keys or values.
+// Whether a product q k^T or G v^T runs in product(), which takes the tile of keys or values transposed.
+template <typename T>
+bool needs_scratch(const Shape& s) {
+  return !have_blas(static_cast<T*>(nullptr)) || std::min(s.D, s.Dv) <= kSmallInner;
+}
+
+// Per-thread working memory: the (K, kTile) blocks, the K vectors of Z's partial sums, and (where product()
+// takes q k^T or G v^T) room for a transposed tile of keys or values.
 template <typename T>
 struct Workspace {
   std::vector<T> L, P, zacc, scratch;
@@ -302,7 +358,7 @@ struct Workspace {
       : L(s.K * kTile),
         P(backward ? s.K * kTile : 0),
         zacc(s.K * Vec<T>::lanes),
-        scratch(have_blas(static_cast<T*>(nullptr)) ? 0 : std::max(s.D, s.Dv) * kTile) {}
+        scratch(needs_scratch<T>(s) ? std::max(s.D, s.Dv) * kTile : 0) {}
 };
 
 // Numerator (K, Dv) and Z (K) of the tile [n0, n0 + tn) of one batch element, into part (K * (Dv + 1));
@@ -318,16 +374,20 @@ void forward_tile(const Shape& s, const T* q, const T* k, const T* v, T scale, T
   matmul(L, kTile, false, v + n0 * Dv, Dv, false, K, tn, Dv, part, Dv, w.scratch.data());  // numerator = W v
 }
 
-// One tile of the backward: rows of dk and dv written whole, dq's partial sum into dq_part (K, D).
+// One tile of the backward: rows of dk and dv written whole, dq's partial sum into dq_part (K, D). A: the
+// batch element's attention (K, N) as the forward computed it, or null to recompute it from q and k.
 template <typename T>
-void backward_tile(const Shape& s, const T* G, const T* GA, const T* q, const T* k, const T* v, const T* c,
+void backward_tile(const Shape& s, const T* G, const T* GA, const T* A, const T* q, const T* k, const T* v, const T* c,
                    const T* inv_z, T scale, T eps, int64_t n0, int64_t tn, T* dq_part, T* dk, T* dv,
                    Workspace<T>& w) {
   const int64_t K = s.K, D = s.D, Dv = s.Dv;
   T *L = w.L.data(), *P = w.P.data(), *scratch = w.scratch.data();
-  matmul(q, D, false, k + n0 * D, D, true, K, D, tn, L, kTile, scratch);   // L = q k^T
+  if (A == nullptr) {
+    matmul(q, D, false, k + n0 * D, D, true, K, D, tn, L, kTile, scratch);  // L = q k^T
+  }
   matmul(G, Dv, false, v + n0 * Dv, Dv, true, K, Dv, tn, P, kTile, scratch);  // P = G v^T
-  attention_gradients(L, P, K, kTile, tn, scale, eps, c, inv_z, GA == nullptr ? nullptr : GA + n0, s.N);
+  attention_gradients(L, P, K, kTile, tn, scale, eps, c, inv_z, GA == nullptr ? nullptr : GA + n0, s.N,
+                      A == nullptr ? nullptr : A + n0, s.N);
   matmul(L, kTile, true, G, Dv, false, tn, K, Dv, dv + n0 * Dv, Dv, scratch);     // dv_t = sum_i W[i,t] G_i / Z_i
   matmul(P, kTile, true, q, D, false, tn, K, D, dk + n0 * D, D, scratch);         // dk_t = sum_i dL[i,t] q_i
   matmul(P, kTile, false, k + n0 * D, D, false, K, tn, D, dq_part, D, scratch);  // dq_i = sum_t dL[i,t] k_t
@@ -381,7 +441,8 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& G, const at::Tensor* GA,
                                                              const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& U,
-                                                             const at::Tensor& Z, double scale, double eps) {
+                                                             const at::Tensor& Z, const at::Tensor* A, double scale,
+                                                             double eps) {
   const Shape s = shape_of(q, k, v);
   auto dq = empty_output(q.sizes(), q.options());
   auto dk = empty_output(k.sizes(), k.options());
@@ -401,13 +462,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& G
   std::vector<T> parts(s.B * s.tiles * part_size);
   const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
   const T* gap = GA == nullptr ? nullptr : GA->const_data_ptr<T>();
+  const T* attn = A == nullptr ? nullptr : A->const_data_ptr<T>();
   T *dkp = dk.mutable_data_ptr<T>(), *dvp = dv.mutable_data_ptr<T>();
   at::parallel_for(0, s.B * s.tiles, 1, [&](int64_t begin, int64_t end) {
     Workspace<T> w(s, true);
     const SingleThreadedBlas single_threaded;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / s.tiles, n0 = item % s.tiles * kTile;
-      backward_tile<T>(s, gp + b * s.K * s.Dv, gap == nullptr ? nullptr : gap + b * s.K * s.N, qp + b * s.K * s.D,
+      backward_tile<T>(s, gp + b * s.K * s.Dv, gap == nullptr ? nullptr : gap + b * s.K * s.N,
+                       attn == nullptr ? nullptr : attn + b * s.K * s.N, qp + b * s.K * s.D,
                        kp + b * s.N * s.D, vp + b * s.N * s.Dv, c.data() + b * s.K, inv_z.data() + b * s.K, T(scale),
                        T(eps), n0, std::min(kTile, s.N - n0), parts.data() + item * part_size, dkp + b * s.N * s.D,
                        dvp + b * s.N * s.Dv, w);
@@ -450,24 +513,33 @@ at::Tensor prepared(const at::Tensor& t) {
   return t.to(acc_dtype(t.scalar_type())).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& q_, const at::Tensor& k_,
-                                                              const at::Tensor& v_, double scale, double eps,
-                                                              bool return_attn) {
+// (updates, attn, norm), all in the accumulator dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_in_acc_dtype(const at::Tensor& q_, const at::Tensor& k_,
+                                                                    const at::Tensor& v_, double scale, double eps,
+                                                                    bool return_attn) {
   check_core(q_, k_, v_, scale, eps);
   const auto q = prepared(q_), k = prepared(k_), v = prepared(v_);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_slot_attention_core_forward", [&] {
     out = forward_impl<scalar_t>(q, k, v, scale, eps, return_attn);
   });
-  const auto dtype = q_.scalar_type();
-  return {std::get<0>(out).to(dtype), std::get<1>(out).to(dtype), std::get<2>(out)};
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor& grad_updates,
-                                                               const std::optional<at::Tensor>& grad_attn,
-                                                               const at::Tensor& q_, const at::Tensor& k_,
-                                                               const at::Tensor& v_, const at::Tensor& updates,
-                                                               const at::Tensor& norm, double scale, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, double scale, double eps,
+                                                              bool return_attn) {
+  auto [updates, attn, norm] = forward_in_acc_dtype(q, k, v, scale, eps, return_attn);
+  return {updates.to(q.scalar_type()), attn.to(q.scalar_type()), norm};
+}
+
+// saved_attn: the forward's attention (B, K, N) in the accumulator dtype, or null to recompute it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_with(const at::Tensor& grad_updates,
+                                                             const std::optional<at::Tensor>& grad_attn,
+                                                             const at::Tensor& q_, const at::Tensor& k_,
+                                                             const at::Tensor& v_, const at::Tensor& updates,
+                                                             const at::Tensor& norm, const at::Tensor* saved_attn,
+                                                             double scale, double eps) {
   check_core(q_, k_, v_, scale, eps);
   const int64_t B = q_.size(0), K = q_.size(1), N = k_.size(1), Dv = v_.size(2);
   check_input(grad_updates, "grad_updates", 3, at::kCPU);
@@ -487,17 +559,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   const auto G = prepared(grad_updates), U = prepared(updates), Z = norm.to(q.scalar_type()).contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_slot_attention_core_backward", [&] {
-    out = backward_impl<scalar_t>(G, ga.defined() ? &ga : nullptr, q, k, v, U, Z, scale, eps);
+    out = backward_impl<scalar_t>(G, ga.defined() ? &ga : nullptr, q, k, v, U, Z, saved_attn, scale, eps);
   });
   return {std::get<0>(out).to(q_.scalar_type()), std::get<1>(out).to(k_.scalar_type()),
           std::get<2>(out).to(v_.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor& grad_updates,
+                                                               const std::optional<at::Tensor>& grad_attn,
+                                                               const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, const at::Tensor& updates,
+                                                               const at::Tensor& norm, double scale, double eps) {
+  return backward_with(grad_updates, grad_attn, q, k, v, updates, norm, nullptr, scale, eps);
+}
+
 }  // namespace
+
+// The cpp backend's eager entry point: the forward and backward kernels tied by a C++ autograd node, so an
+// eager training step runs no Python on its way back. It also keeps the forward's attention (B, K, N) for the
+// backward, which then skips recomputing q k^T and the softmax (a fifth of its products): on the CPU that
+// tensor is smaller than the keys, which are saved anyway. kdfast/ops/slot_attention.py calls it outside
+// torch.compile; a compiled graph uses the custom op, whose backward recomputes (design.md 3.1).
+class SlotAttentionCore : public torch::autograd::Function<SlotAttentionCore> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& v, double scale, double eps,
+                                                bool return_attn, bool keep_attn) {
+    const auto [updates_acc, attn_acc, norm] = forward_in_acc_dtype(q, k, v, scale, eps, return_attn || keep_attn);
+    const auto dtype = q.scalar_type();
+    const at::Tensor updates = updates_acc.to(dtype);
+    const at::Tensor attn = return_attn ? attn_acc.to(dtype) : q.new_empty({q.size(0), q.size(1), 0});
+    ctx->save_for_backward({q, k, v, updates, norm, keep_attn ? attn_acc : at::Tensor()});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["return_attn"] = return_attn;
+    ctx->mark_non_differentiable({norm});
+    ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined, not a tensor of zeros
+    return {updates, attn, norm};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    // The kernels' gradients are not themselves differentiable: refuse rather than give a wrong second derivative.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "kdfast.slot_attention_core: the cpp backend's backward is not differentiable (no double backward); "
+                "use backend='reference' for higher-order gradients");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &updates = saved[3], &norm = saved[4],
+                     &attn = saved[5];
+    const at::Tensor grad_updates = grads[0].defined() ? grads[0] : at::zeros_like(updates);
+    std::optional<at::Tensor> grad_attn;
+    if (ctx->saved_data["return_attn"].toBool() && grads[1].defined()) {
+      grad_attn = grads[1];
+    }
+    auto [dq, dk, dv] = backward_with(grad_updates, grad_attn, q, k, v, updates, norm, attn.defined() ? &attn : nullptr,
+                                      ctx->saved_data["scale"].toDouble(), ctx->saved_data["eps"].toDouble());
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> core_with_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, double scale, double eps,
+                                                                  bool return_attn) {
+  // the attention is kept only where a backward can follow
+  const bool keep_attn = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  auto out = SlotAttentionCore::apply(q, k, v, scale, eps, return_attn, keep_attn);
+  return {out[0], out[1], out[2]};
+}
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("_slot_attention_core_forward", TORCH_FN(forward_kernel));
   m.impl("_slot_attention_core_backward", TORCH_FN(backward_kernel));
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CompositeImplicitAutograd, m) {
+  m.impl("_slot_attention_core_cpp", TORCH_FN(core_with_autograd));
 }
 
 }  // namespace kdfast

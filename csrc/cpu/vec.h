@@ -35,9 +35,17 @@ KDFAST_INLINE void vstore(T* p, const vec_t<T>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// An explicit broadcast of lane 0: GCC emits one vbroadcast (from memory where x comes from memory). The
+// arithmetic spellings (0 + x, x - 0) get a scalar add first or, inside unrolled blocks, lane-by-lane inserts.
 template <typename T>
 KDFAST_INLINE vec_t<T> vsplat(T x) {
-  return vec_t<T>{} + x;
+  const vec_t<T> v = {x};
+  if constexpr (Vec<T>::lanes == 16) {
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  } else {
+    static_assert(Vec<T>::lanes == 8, "vsplat: 64-byte vectors of float or double");
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+  }
 }
 
 // A NaN lane needs no care in callers: exp(NaN - m) is NaN, so sums over it are NaN, as in torch.

@@ -13,6 +13,11 @@ with the core as above and the small dense layers in torch.
 
 Backends: ``triton`` (kdfast.kernels.slot_attention; K <= 64, D, Dv <= 256), ``cpp``
 (csrc/cpu/slot_attention.cpp), ``reference`` (kdfast.reference).
+
+In eager mode the cpp backend calls ``kdfast::_slot_attention_core_cpp``, the same kernels behind a C++ autograd
+node: no Python runs in its backward, and it keeps the forward's attention (B, K, N) so that the backward skips
+recomputing it (on the CPU that tensor is smaller than the keys, which are saved anyway). That op is eager-only
+(its backward is not differentiable: double backward raises); torch.compile traces ``kdfast::slot_attention_core``.
 """
 
 from __future__ import annotations
@@ -176,8 +181,13 @@ class _SlotAttentionCore(torch.autograd.Function):
         return *grads, None, None, None, None
 
 
+def _cpp_core(q, k, v, scale, eps, return_attn, backend):
+    """The cpp backend in eager mode: one op whose backward is a C++ autograd node (no Python per step)."""
+    return torch.ops.kdfast._slot_attention_core_cpp(q, k, v, scale, eps, return_attn)
+
+
 def _core(q, k, v, scale, eps, return_attn, backend):
-    eager = _reference_core if backend == "reference" else _SlotAttentionCore
+    eager = {"reference": _reference_core, "cpp": _cpp_core}.get(backend, _SlotAttentionCore)
     return eager_or_traced(eager, _slot_attention_core, q, k, v, scale, eps, return_attn, backend)
 
 
