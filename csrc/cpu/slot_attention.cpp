@@ -338,6 +338,14 @@ struct Shape {
   int64_t B, K, N, D, Dv, tiles;
 };
 
+// Work items per thread at the least: below about 2^16 multiply-adds a thread costs more to wake than it saves
+// (the recipes' small grids: 64 tokens, 7 slots of 16 features), so small calls run on the calling thread.
+int64_t grain(const Shape& s) {
+  constexpr int64_t kParallelWork = int64_t(1) << 16;
+  const int64_t per_item = s.K * std::min(s.N, kTile) * (s.D + s.Dv);
+  return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, per_item));
+}
+
 Shape shape_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const int64_t N = k.size(1);
   return {q.size(0), q.size(1), N, q.size(2), v.size(2), (N + kTile - 1) / kTile};
@@ -406,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   std::vector<T> parts(s.B * s.tiles * part_size);
   const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
   T* ap = return_attn ? attn.mutable_data_ptr<T>() : nullptr;
-  at::parallel_for(0, s.B * s.tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.B * s.tiles, grain(s), [&](int64_t begin, int64_t end) {
     Workspace<T> w(s, false);
     const SingleThreadedBlas single_threaded;
     for (int64_t item = begin; item < end; ++item) {
@@ -417,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
     }
   });
   T *up = updates.mutable_data_ptr<T>(), *zp = norm.mutable_data_ptr<T>();
-  at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.B, grain(s) * s.tiles, [&](int64_t begin, int64_t end) {
     std::vector<T> total(part_size);
     for (int64_t b = begin; b < end; ++b) {
       const T* first = parts.data() + b * s.tiles * part_size;
@@ -464,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& G
   const T* gap = GA == nullptr ? nullptr : GA->const_data_ptr<T>();
   const T* attn = A == nullptr ? nullptr : A->const_data_ptr<T>();
   T *dkp = dk.mutable_data_ptr<T>(), *dvp = dv.mutable_data_ptr<T>();
-  at::parallel_for(0, s.B * s.tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.B * s.tiles, grain(s), [&](int64_t begin, int64_t end) {
     Workspace<T> w(s, true);
     const SingleThreadedBlas single_threaded;
     for (int64_t item = begin; item < end; ++item) {
@@ -477,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& G
     }
   });
   T* dqp = dq.mutable_data_ptr<T>();
-  at::parallel_for(0, s.B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.B, grain(s) * s.tiles, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       T* out = dqp + b * part_size;
       const T* first = parts.data() + b * s.tiles * part_size;
