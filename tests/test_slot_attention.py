@@ -93,6 +93,16 @@ def test_cpp_refuses_double_backward(device, backend):
         torch.autograd.grad(updates.sum(), (q, k, v), create_graph=True)
 
 
+@pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "cpp"])
+def test_cpp_backward_checks_the_saved_attention(device, backend):
+    q, k, v = (t.detach() for t in inputs(2, 3, 5, 4, 4, device=device))
+    updates, attn, norm = torch.ops.kdfast._slot_attention_core_cpp(q, k, v, 0.5, 1e-8)
+    args = (rand(2, 3, 4, device=device), None, q, k, v, updates, norm, 0.5, 1e-8)
+    for bad in (attn[:, :, :4], attn.double()):
+        with pytest.raises(RuntimeError, match=r"attn must be the forward's attention, a \(B,K,N\)"):
+            torch.ops.kdfast._slot_attention_core_backward(*args, bad)
+
+
 @pytest.mark.parametrize(("device", "backend"), CASES)
 def test_defaults_and_explicit_formula(device, backend):
     """scale=None is D**-0.5; the gradients equal design 3.1's hand-written backward."""
@@ -291,6 +301,12 @@ def test_opcheck(device, backend):
         for grad_attn in (rand(B, K, N, device=device), None):
             args = (rand(B, K, Dv, device=device), grad_attn, *saved, D**-0.5, 1e-8, backend)
             torch.library.opcheck(kd.slot_attention_core_backward.default, args)
+        if backend == "cpp":  # the cpp backend's eager op, and its kernel backward reading the saved attention
+            torch.library.opcheck(kd._slot_attention_core_cpp.default, (q, k, v, D**-0.5, 1e-8))
+            updates, attn, norm = kd._slot_attention_core_cpp(q.detach(), k.detach(), v.detach(), D**-0.5, 1e-8)
+            for grad_attn in (rand(B, K, N, device=device), None):
+                args = (rand(B, K, Dv, device=device), grad_attn, q.detach(), k.detach(), v.detach(), updates, norm)
+                torch.library.opcheck(kd._slot_attention_core_backward.default, (*args, D**-0.5, 1e-8, attn))
 
 
 class _Grouper(torch.nn.Module):

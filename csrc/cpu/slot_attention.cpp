@@ -541,13 +541,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
   return {updates.to(q.scalar_type()), attn.to(q.scalar_type()), norm};
 }
 
-// saved_attn: the forward's attention (B, K, N) in the accumulator dtype, or null to recompute it.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_with(const at::Tensor& grad_updates,
-                                                             const std::optional<at::Tensor>& grad_attn,
-                                                             const at::Tensor& q_, const at::Tensor& k_,
-                                                             const at::Tensor& v_, const at::Tensor& updates,
-                                                             const at::Tensor& norm, const at::Tensor* saved_attn,
-                                                             double scale, double eps) {
+// saved_attn: the forward's attention (B, K, N) in the accumulator dtype, or none to recompute it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor& grad_updates,
+                                                               const std::optional<at::Tensor>& grad_attn,
+                                                               const at::Tensor& q_, const at::Tensor& k_,
+                                                               const at::Tensor& v_, const at::Tensor& updates,
+                                                               const at::Tensor& norm, double scale, double eps,
+                                                               const std::optional<at::Tensor>& saved_attn) {
   check_core(q_, k_, v_, scale, eps);
   const int64_t B = q_.size(0), K = q_.size(1), N = k_.size(1), Dv = v_.size(2);
   check_input(grad_updates, "grad_updates", 3, at::kCPU);
@@ -563,44 +563,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_with(const at::Tensor& g
                 at::IntArrayRef({B, K, N}), ", got ", grad_attn->sizes());
     ga = prepared(*grad_attn);
   }
+  at::Tensor A;
+  if (saved_attn.has_value() && saved_attn->defined()) {
+    const auto acc = acc_dtype(q_.scalar_type());
+    TORCH_CHECK(saved_attn->device().type() == at::kCPU && saved_attn->sizes() == at::IntArrayRef({B, K, N}) &&
+                    saved_attn->scalar_type() == acc,
+                "attn must be the forward's attention, a (B,K,N) = ", at::IntArrayRef({B, K, N}), " ", acc,
+                " cpu tensor, got ", saved_attn->sizes(), " ", saved_attn->scalar_type(), " on ", saved_attn->device());
+    A = saved_attn->contiguous();
+  }
   const auto q = prepared(q_), k = prepared(k_), v = prepared(v_);
   const auto G = prepared(grad_updates), U = prepared(updates), Z = norm.to(q.scalar_type()).contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "_slot_attention_core_backward", [&] {
-    out = backward_impl<scalar_t>(G, ga.defined() ? &ga : nullptr, q, k, v, U, Z, saved_attn, scale, eps);
+    out = backward_impl<scalar_t>(G, ga.defined() ? &ga : nullptr, q, k, v, U, Z, A.defined() ? &A : nullptr, scale,
+                                  eps);
   });
   return {std::get<0>(out).to(q_.scalar_type()), std::get<1>(out).to(k_.scalar_type()),
           std::get<2>(out).to(v_.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor& grad_updates,
-                                                               const std::optional<at::Tensor>& grad_attn,
-                                                               const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& v, const at::Tensor& updates,
-                                                               const at::Tensor& norm, double scale, double eps) {
-  return backward_with(grad_updates, grad_attn, q, k, v, updates, norm, nullptr, scale, eps);
+// _slot_attention_core_cpp: (updates in the inputs' dtype, the attention (B, K, N) and Z in the accumulator dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_core_kernel(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, double scale, double eps) {
+  auto [updates, attn, norm] = forward_in_acc_dtype(q, k, v, scale, eps, /*return_attn=*/true);
+  return {updates.to(q.scalar_type()), attn, norm};
+}
+
+// Shapes and dtypes only (fake tensors, torch.compile tracing), with symbolic sizes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_core_meta(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, double scale, double eps) {
+  const auto acc = q.options().dtype(acc_dtype(q.scalar_type()));
+  return {at::empty_symint({q.sym_size(0), q.sym_size(1), v.sym_size(2)}, q.options()),
+          at::empty_symint({q.sym_size(0), q.sym_size(1), k.sym_size(1)}, acc),
+          at::empty_symint({q.sym_size(0), q.sym_size(1)}, acc)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_meta(const at::Tensor& grad_updates,
+                                                             const std::optional<at::Tensor>& grad_attn,
+                                                             const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& updates,
+                                                             const at::Tensor& norm, double scale, double eps,
+                                                             const std::optional<at::Tensor>& saved_attn) {
+  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
+          at::empty_symint(v.sym_sizes(), v.options())};
 }
 
 }  // namespace
 
-// The cpp backend's eager entry point: the forward and backward kernels tied by a C++ autograd node, so an
-// eager training step runs no Python on its way back. It also keeps the forward's attention (B, K, N) for the
-// backward, which then skips recomputing q k^T and the softmax (a fifth of its products): on the CPU that
-// tensor is smaller than the keys, which are saved anyway. kdfast/ops/slot_attention.py calls it outside
-// torch.compile; a compiled graph uses the custom op, whose backward recomputes (design.md 3.1).
+// The cpp backend's eager entry point, kdfast::_slot_attention_core_cpp: the kernels behind a C++ autograd node,
+// so an eager training step runs no Python on its way back. The forward always computes the attention (B, K, N)
+// and the node keeps it for the backward, which then skips recomputing q k^T and the softmax (a fifth of its
+// products): on the CPU that tensor is smaller than the keys, which are saved anyway. kdfast/ops/slot_attention.py
+// calls it outside torch.compile; a compiled graph uses the custom op, whose backward recomputes (design.md 3.1).
+// Both directions go through the dispatcher below autograd, so fake tensors reach the Meta kernels.
 class SlotAttentionCore : public torch::autograd::Function<SlotAttentionCore> {
  public:
+  using Core = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, double, double);
+  using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, double, double, const std::optional<at::Tensor>&);
+
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
-                                                const at::Tensor& k, const at::Tensor& v, double scale, double eps,
-                                                bool return_attn, bool keep_attn) {
-    const auto [updates_acc, attn_acc, norm] = forward_in_acc_dtype(q, k, v, scale, eps, return_attn || keep_attn);
-    const auto dtype = q.scalar_type();
-    const at::Tensor updates = updates_acc.to(dtype);
-    const at::Tensor attn = return_attn ? attn_acc.to(dtype) : q.new_empty({q.size(0), q.size(1), 0});
-    ctx->save_for_backward({q, k, v, updates, norm, keep_attn ? attn_acc : at::Tensor()});
+                                                const at::Tensor& k, const at::Tensor& v, double scale, double eps) {
+    static const auto core = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("kdfast::_slot_attention_core_cpp", "")
+                                 .typed<Core>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [updates, attn, norm] = core.call(q, k, v, scale, eps);
+    ctx->save_for_backward({q, k, v, updates, norm, attn});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["return_attn"] = return_attn;
     ctx->mark_non_differentiable({norm});
     ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined, not a tensor of zeros
     return {updates, attn, norm};
@@ -612,36 +646,43 @@ class SlotAttentionCore : public torch::autograd::Function<SlotAttentionCore> {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "kdfast.slot_attention_core: the cpp backend's backward is not differentiable (no double backward); "
                 "use backend='reference' for higher-order gradients");
+    static const auto backward_op = c10::Dispatcher::singleton()
+                                        .findSchemaOrThrow("kdfast::_slot_attention_core_backward", "")
+                                        .typed<Backward>();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &updates = saved[3], &norm = saved[4],
                      &attn = saved[5];
     const at::Tensor grad_updates = grads[0].defined() ? grads[0] : at::zeros_like(updates);
     std::optional<at::Tensor> grad_attn;
-    if (ctx->saved_data["return_attn"].toBool() && grads[1].defined()) {
+    if (grads[1].defined()) {
       grad_attn = grads[1];
     }
-    auto [dq, dk, dv] = backward_with(grad_updates, grad_attn, q, k, v, updates, norm, attn.defined() ? &attn : nullptr,
-                                      ctx->saved_data["scale"].toDouble(), ctx->saved_data["eps"].toDouble());
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [dq, dk, dv] = backward_op.call(grad_updates, grad_attn, q, k, v, updates, norm,
+                                         ctx->saved_data["scale"].toDouble(), ctx->saved_data["eps"].toDouble(), attn);
+    return {dq, dk, dv, at::Tensor(), at::Tensor()};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> core_with_autograd(const at::Tensor& q, const at::Tensor& k,
-                                                                  const at::Tensor& v, double scale, double eps,
-                                                                  bool return_attn) {
-  // the attention is kept only where a backward can follow
-  const bool keep_attn = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
-  auto out = SlotAttentionCore::apply(q, k, v, scale, eps, return_attn, keep_attn);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpp_core_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, double scale, double eps) {
+  auto out = SlotAttentionCore::apply(q, k, v, scale, eps);
   return {out[0], out[1], out[2]};
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("_slot_attention_core_forward", TORCH_FN(forward_kernel));
   m.impl("_slot_attention_core_backward", TORCH_FN(backward_kernel));
+  m.impl("_slot_attention_core_cpp", TORCH_FN(cpp_core_kernel));
 }
 
-TORCH_LIBRARY_IMPL(kdfast, CompositeImplicitAutograd, m) {
-  m.impl("_slot_attention_core_cpp", TORCH_FN(core_with_autograd));
+TORCH_LIBRARY_IMPL(kdfast, Meta, m) {
+  m.impl("_slot_attention_core_cpp", TORCH_FN(cpp_core_meta));
+  m.impl("_slot_attention_core_backward", TORCH_FN(backward_meta));
+}
+
+TORCH_LIBRARY_IMPL(kdfast, Autograd, m) {
+  m.impl("_slot_attention_core_cpp", TORCH_FN(cpp_core_autograd));
 }
 
 }  // namespace kdfast

@@ -16,8 +16,8 @@ Backends: ``triton`` (kdfast.kernels.slot_attention; K <= 64, D, Dv <= 256), ``c
 
 In eager mode the cpp backend calls ``kdfast::_slot_attention_core_cpp``, the same kernels behind a C++ autograd
 node: no Python runs in its backward, and it keeps the forward's attention (B, K, N) so that the backward skips
-recomputing it (on the CPU that tensor is smaller than the keys, which are saved anyway). That op is eager-only
-(its backward is not differentiable: double backward raises); torch.compile traces ``kdfast::slot_attention_core``.
+recomputing it (on the CPU that tensor is smaller than the keys, which are saved anyway). Its backward is not
+differentiable (double backward raises); torch.compile traces ``kdfast::slot_attention_core``.
 """
 
 from __future__ import annotations
@@ -183,7 +183,8 @@ class _SlotAttentionCore(torch.autograd.Function):
 
 def _cpp_core(q, k, v, scale, eps, return_attn, backend):
     """The cpp backend in eager mode: one op whose backward is a C++ autograd node (no Python per step)."""
-    return torch.ops.kdfast._slot_attention_core_cpp(q, k, v, scale, eps, return_attn)
+    updates, attn, norm = torch.ops.kdfast._slot_attention_core_cpp(q, k, v, scale, eps)
+    return updates, attn.to(q.dtype) if return_attn else _no_attn(q, k), norm
 
 
 def _core(q, k, v, scale, eps, return_attn, backend):
