@@ -307,6 +307,15 @@ def test_opcheck(device, backend):
             for grad_attn in (rand(B, K, N, device=device), None):
                 args = (rand(B, K, Dv, device=device), grad_attn, q.detach(), k.detach(), v.detach(), updates, norm)
                 torch.library.opcheck(kd._slot_attention_core_backward.default, (*args, D**-0.5, 1e-8, attn))
+            # the cpp iterations op (slots of width D), with every layer (GRU, MLP) and with none (then Dv = D)
+            w = lambda *shape: leaf(rand(*shape, device=device))
+            slots, required = w(B, K, D), (w(D), w(D), w(D, D))
+            every = (w(D), w(3 * D, Dv), w(3 * D, D), w(3 * D), w(3 * D), w(D), w(D), w(8, D), w(8), w(D, 8), w(D))
+            for optional, hidden_normed, grad_last_only in ((every, True, False), ((None,) * 11, False, True)):
+                if optional[1] is None and Dv != D:
+                    continue
+                args = (slots, k, v, *required, *optional, 2, D**-0.5, 1e-8, 1e-5, hidden_normed, grad_last_only)
+                torch.library.opcheck(kd._slot_attention_iterations_cpp.default, args)
 
 
 class _Grouper(torch.nn.Module):

@@ -309,6 +309,18 @@ def _step(slots, k, v, p, scale, eps, gru_hidden, return_attn, backend):
     return h, attn
 
 
+def _cpp_iterations(slots, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only):
+    """The cpp backend in eager mode: every iteration in one call into C++ (the same ATen layers and fused core
+    as ``_step``, without the Python between them). Returns the slots and the last attention (accumulator dtype)."""
+    return torch.ops.kdfast._slot_attention_iterations_cpp(
+        slots, k, v, p["norm_slots.weight"], p["norm_slots.bias"], p["to_q.weight"], p.get("to_q.bias"),
+        p.get("gru.weight_ih"), p.get("gru.weight_hh"), p.get("gru.bias_ih"), p.get("gru.bias_hh"),
+        p.get("mlp.layers.0.weight"), p.get("mlp.layers.0.bias"), p.get("mlp.layers.1.weight"),
+        p.get("mlp.layers.1.bias"), p.get("mlp.layers.3.weight"), p.get("mlp.layers.3.bias"),
+        n_iters, scale, eps, _LN_EPS, gru_hidden == "normed", grad_last_only,
+    )
+
+
 def slot_attention(
     slots: Tensor,
     k: Tensor,
@@ -327,8 +339,8 @@ def slot_attention(
     Each iteration: ``x = LN(slots)``, ``q = to_q(x)``, ``U, A = core(q, k, v)``, ``h = GRUCell(U, hidden)``
     (hidden = x for ``gru_hidden="normed"``, the incoming slots for ``"prev"``; ``h = hidden + U`` without a
     GRU), ``slots = h + MLP(LN(h))`` (``slots = h`` without an MLP); see :func:`kdfast.reference.slot_attention`.
-    The core runs on the chosen backend; LayerNorm, the projections and the GRU run in torch. Only the last
-    iteration writes its masks.
+    The core runs on the chosen backend; LayerNorm, the projections and the GRU run in torch (for the cpp backend in
+    eager mode, all iterations in one call into C++). Only the last iteration's masks are returned.
 
     Args:
         slots: (B, K, D) initial slots; k: (B, N, Dq) keys; v: (B, N, Dv) values (projected once per forward).
@@ -369,6 +381,9 @@ def slot_attention(
     s, k, v = _validate.cast(acc, slots, k, v)
     p = {key: value if value.dtype == acc else value.to(acc) for key, value in p.items()}
     with torch.autocast(slots.device.type, enabled=False):
+        if chosen == "cpp" and not torch.compiler.is_compiling():
+            s, attn = _cpp_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only)
+            return s.to(out), attn.to(out)
         for it in range(n_iters):
             last = it == n_iters - 1
             if grad_last_only and not last:
