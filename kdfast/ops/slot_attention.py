@@ -158,7 +158,7 @@ def _reference_core(q, k, v, scale, eps, return_attn, backend):
 
 
 class _SlotAttentionCore(torch.autograd.Function):
-    """The eager path of the kernel backends: the kernels called directly, without the custom op's dispatch."""
+    """The eager path of the Triton backend: the kernels called directly, without the custom op's dispatch."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, eps, return_attn, backend):
