@@ -52,9 +52,14 @@ def keep_freed_memory() -> bool:
         return False
 
 
+# Set once per run (pytest_configure); recorded with every result, so that the report says how it was measured.
+KEEPS_FREED_MEMORY = False
+
+
 def pytest_configure(config):
+    global KEEPS_FREED_MEMORY
     if DEVICE.type == "cpu":
-        config.kdfast_keeps_freed_memory = keep_freed_memory()
+        KEEPS_FREED_MEMORY = keep_freed_memory()
     if DEVICE.type not in DTYPES:
         raise pytest.UsageError(f"KDFAST_BENCH_DEVICE must be cpu or cuda, got {DEVICE.type!r}")
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -69,7 +74,7 @@ def pytest_report_header(config):
 
     backends = ", ".join(f"{k}={v}" for k, v in kdfast.info().items())
     lines = [f"kdfast benchmarks on {DEVICE} in {DTYPE_NAME}: {backends}"]
-    if getattr(config, "kdfast_keeps_freed_memory", False):
+    if KEEPS_FREED_MEMORY:
         lines.append("glibc keeps freed memory (mallopt): outputs reuse memory instead of faulting in fresh pages")
     return lines
 
@@ -129,7 +134,7 @@ def measure(benchmark, step: Callable[[], None], group: str, **extra_info) -> No
     for _ in range(WARMUP_CALLS):
         step()
     benchmark.group = group
-    benchmark.extra_info.update(device=str(DEVICE), dtype=DTYPE_NAME, **extra_info)
+    benchmark.extra_info.update(device=str(DEVICE), dtype=DTYPE_NAME, keeps_freed_memory=KEEPS_FREED_MEMORY, **extra_info)
     if DEVICE.type == "cuda":
         benchmark.extra_info["peak_memory_bytes"] = peak_memory_bytes(step)
     benchmark(step)

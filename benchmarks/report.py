@@ -231,7 +231,7 @@ def render(groups: dict[str, list[dict]], header: dict) -> str:
         # cores: a loaded machine can turn microseconds into milliseconds.
         lines.append(f"**Warning:** load average up to {header['cpu_load']:.1f} on {header['cpu_count']} cores "
                      "around the run: other processes competed for the CPU; the times are not reliable.")
-    if header["device"] == "cpu":
+    if header["keeps_freed_memory"]:
         lines.append("Freed memory stays in the process (glibc mallopt, benchmarks/conftest.py keep_freed_memory): "
                      "large outputs reuse memory, as under a caching allocator, instead of faulting in fresh pages.")
     lines += ["", "Speedups are ratios of medians measured side by side in this run (> 1: faster).", "",
@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = copy_bandwidth_ceiling() if device.startswith("cuda") else None
     load = max(load, os.getloadavg()[0])
     header = make_header(device, dtype, ceiling, data.get("machine_info", {}), load)
+    header["keeps_freed_memory"] = bool(first.get("keeps_freed_memory"))
     markdown = render(groups, header)
     print(markdown)
     if device.startswith("cuda") or args.save:

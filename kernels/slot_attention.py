@@ -35,6 +35,15 @@ MAX_DIM = 256  # largest D and Dv
 
 
 @triton.jit
+def _softmax_over_slots(q, k, valid_k, scale):
+    """softmax over the slots (rows) of scale q k^T: (BLOCK_K, BLOCK_N), padded slots 0."""
+    logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    logits = tl.where(valid_k[:, None], logits, float("-inf"))
+    e = tl.exp(logits - tl.max(logits, axis=0)[None, :])
+    return e / tl.sum(e, axis=0)[None, :]
+
+
+@triton.jit
 def _slot_attention_core_fwd_kernel(
     q_ptr, k_ptr, v_ptr, attn_ptr, part_num_ptr, part_z_ptr,
     K, N, D, DV, CHUNK, TILES,
@@ -65,10 +74,7 @@ def _slot_attention_core_fwd_kernel(
         valid_n = (offs_n < N) & (offs_n < (chunk + 1) * CHUNK)
         k = tl.load(k_ptr + b * stride_kb + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=valid_n[:, None] & (offs_d[None, :] < D), other=0.0).to(acc)
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_K, BLOCK_N)
-        logits = tl.where(valid_k[:, None], logits, float("-inf"))
-        e = tl.exp(logits - tl.max(logits, axis=0)[None, :])
-        a = e / tl.sum(e, axis=0)[None, :]
+        a = _softmax_over_slots(q, k, valid_k, scale)  # (BLOCK_K, BLOCK_N)
         inside = valid_k[:, None] & valid_n[None, :]
         if STORE_ATTN:
             tl.store(attn_ptr + b * stride_ab + offs_k[:, None] * stride_ak + offs_n[None, :] * stride_an,
@@ -155,11 +161,8 @@ def _slot_attention_core_bwd_kernel(
                     mask=mask_nd, other=0.0).to(acc)
         v = tl.load(v_ptr + b * stride_vb + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=mask_ndv, other=0.0).to(acc)
-        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        logits = tl.where(valid_k[:, None], logits, float("-inf"))
-        e = tl.exp(logits - tl.max(logits, axis=0)[None, :])
         inside = valid_k[:, None] & valid_n[None, :]
-        a = tl.where(inside, e / tl.sum(e, axis=0)[None, :], 0.0)
+        a = tl.where(inside, _softmax_over_slots(q, k, valid_k, scale), 0.0)
         w = tl.where(inside, a + eps, 0.0)
         dv = tl.dot(tl.trans(w), g_over_z, input_precision="ieee")  # (BLOCK_N, BLOCK_DV)
         tl.store(dv_ptr + b * stride_dvb + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,

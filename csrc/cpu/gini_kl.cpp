@@ -24,14 +24,12 @@
 #include <vector>
 
 #include "../common.h"
+#include "vec.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define KDFAST_STREAMING_STORES 1
 #endif
-
-// Returning a 64-byte vector has no fixed ABI without AVX-512; here such helpers are always inlined.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace kdfast {
 namespace {
@@ -75,50 +73,10 @@ Walk walk_of(const Layout& l) {
   return Walk::kStrided;
 }
 
-// 64-byte vectors (GCC/Clang vector extensions): one zmm in the AVX-512 clone, two ymm in the AVX2 clone, four
-// xmm in the baseline.
-template <typename T, int Bytes = 64>
-struct Vec {
-  typedef T type __attribute__((vector_size(Bytes)));
-  static constexpr int64_t lanes = Bytes / sizeof(T);
-};
-
-// The vector helpers are always inlined into the cloned kernels, so that they get each clone's instruction set
-// (out of line they would be compiled for the baseline, with 64-byte vectors emulated: many times slower).
-#define KDFAST_VEC_INLINE inline __attribute__((always_inline))
-
-// |p[0 : lanes]| as a vector of the accumulate type T (float lanes widened in registers, half/bfloat16 converted
-// one by one); NaN stays NaN.
-template <typename T, typename scalar_t>
-KDFAST_VEC_INLINE typename Vec<T>::type load_abs(const scalar_t* p) {
-  typename Vec<T>::type v;
-  if constexpr (std::is_same_v<T, scalar_t>) {
-    std::memcpy(&v, p, sizeof(v));
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
-    typename Vec<float, Vec<T>::lanes * sizeof(float)>::type narrow;
-    std::memcpy(&narrow, p, sizeof(narrow));
-    v = __builtin_convertvector(narrow, typename Vec<T>::type);
-  } else {
-    T tmp[Vec<T>::lanes];
-    for (int64_t l = 0; l < Vec<T>::lanes; ++l) {
-      tmp[l] = static_cast<T>(p[l]);
-    }
-    std::memcpy(&v, tmp, sizeof(v));
-  }
-  // the sign bit cleared: one AND (a compare and blend otherwise)
-  using Bits = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
-  typedef Bits bits_t __attribute__((vector_size(64)));
-  bits_t bits;
-  std::memcpy(&bits, &v, sizeof(v));
-  bits &= std::numeric_limits<Bits>::max();
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-
 // acc[i] += |x[i]| in float64, i < P. Written as a loop over arrays: GCC 12 vectorises it with whole-register
 // conversions (vcvtps2pd ymm -> zmm), where __builtin_convertvector on vector types is split into quarters.
 template <int64_t P, typename scalar_t>
-KDFAST_VEC_INLINE void add_abs(double* __restrict acc, const scalar_t* __restrict x) {
+KDFAST_INLINE void add_abs(double* __restrict acc, const scalar_t* __restrict x) {
 #pragma omp simd
   for (int64_t i = 0; i < P; ++i) {
     acc[i] += std::abs(static_cast<double>(x[i]));
@@ -127,14 +85,14 @@ KDFAST_VEC_INLINE void add_abs(double* __restrict acc, const scalar_t* __restric
 
 // Lane sums of 8 vectors of 8 doubles: result[r] = sum of the lanes of v[r], by a butterfly of shuffles and 7
 // vector adds (pairs of lanes, then quads, then halves; one fixed order).
-using Vec8d = typename Vec<double>::type;
-KDFAST_VEC_INLINE Vec8d pair_sums(const Vec8d& a, const Vec8d& b) {
+using Vec8d = vec::vec_t<double>;
+KDFAST_INLINE Vec8d pair_sums(const Vec8d& a, const Vec8d& b) {
   return __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) + __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
 }
-KDFAST_VEC_INLINE Vec8d quad_sums(const Vec8d& a, const Vec8d& b) {
+KDFAST_INLINE Vec8d quad_sums(const Vec8d& a, const Vec8d& b) {
   return __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
 }
-KDFAST_VEC_INLINE Vec8d transposed_sums(const Vec8d* v) {
+KDFAST_INLINE Vec8d transposed_sums(const Vec8d* v) {
   const Vec8d low = quad_sums(pair_sums(v[0], v[1]), pair_sums(v[2], v[3]));
   const Vec8d high = quad_sums(pair_sums(v[4], v[5]), pair_sums(v[6], v[7]));
   return __builtin_shufflevector(low, high, 0, 1, 2, 3, 8, 9, 10, 11) +
@@ -177,7 +135,7 @@ KDFAST_CPU_CLONES void add_pooled(const scalar_t* a, Layout l, Walk walk, const 
       // Eight features at a time, each summed in its own registers, and one transposing butterfly for the
       // eight sums: a ResNet map has 16 or 49 positions, so a horizontal sum per feature would cost about as
       // much as its loads. The positions past the last whole vector are added one by one.
-      constexpr int64_t L = Vec<double>::lanes, P = 2 * L;
+      constexpr int64_t L = vec::Vec<double>::lanes, P = 2 * L;
       const int64_t whole = HW / P * P;
       for (; whole > 0 && j + L <= nf; j += L) {
         const scalar_t* x = base + j * l.sf;
@@ -274,10 +232,7 @@ KDFAST_CPU_CLONES void scatter_features(const scalar_t* a, Layout la, scalar_t* 
 __attribute__((target("avx512f"))) void scatter_positions_streaming(const float* x, float* y, int64_t nf, int64_t HW,
                                                                     const float* g) {
   const int64_t n = nf * HW;
-  auto one = [&](int64_t i) {
-    const float v = x[i], gi = g[i / HW];
-    y[i] = v > 0.0f ? gi : (v < 0.0f ? -gi : v * gi);
-  };
+  auto one = [&](int64_t i) { y[i] = sign_of(x[i]) * g[i / HW]; };
   // up to the first 64-byte boundary of y, and the last partial chunk, one element at a time
   const int64_t head = std::min<int64_t>(n, ((64 - reinterpret_cast<uintptr_t>(y) % 64) % 64) / sizeof(float));
   for (int64_t i = 0; i < head; ++i) {

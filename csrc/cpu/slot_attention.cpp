@@ -219,6 +219,48 @@ KDFAST_INLINE vec_t<T> first_lanes(const vec_t<T>& x, int64_t valid) {
   return lane_index<T>() < vsplat(T(valid)) ? x : vec_t<T>{};
 }
 
+// L[:, t : t + lanes] (K rows of ld) becomes softmax over the K slots of scale L: one vector lane per token.
+template <typename T>
+KDFAST_INLINE void softmax_over_slots(T* L, int64_t K, int64_t ld, int64_t t, T scale) {
+  vec_t<T> m = scale * vload(L + t);
+  for (int64_t i = 1; i < K; ++i) {
+    m = vmax<T>(m, scale * vload(L + i * ld + t));
+  }
+  vec_t<T> total = {};
+  for (int64_t i = 0; i < K; ++i) {
+    const vec_t<T> e = vexp(scale * vload(L + i * ld + t) - m);
+    vstore(L + i * ld + t, e);
+    total += e;
+  }
+  const vec_t<T> inv = T(1) / total;
+  for (int64_t i = 0; i < K; ++i) {
+    vstore(L + i * ld + t, vload(L + i * ld + t) * inv);
+  }
+}
+
+// x[:valid] as a vector, the lanes past it 0 (never reading past x[valid - 1]).
+template <typename T>
+KDFAST_INLINE vec_t<T> load_first(const T* x, int64_t valid) {
+  if (valid == Vec<T>::lanes) {
+    return vload(x);
+  }
+  T lanes[Vec<T>::lanes] = {};
+  std::copy(x, x + valid, lanes);
+  return vload(lanes);
+}
+
+// x[:valid] = the first valid lanes of v (never writing past x[valid - 1]).
+template <typename T>
+KDFAST_INLINE void store_first(T* x, const vec_t<T>& v, int64_t valid) {
+  if (valid == Vec<T>::lanes) {
+    vstore(x, v);
+    return;
+  }
+  T lanes[Vec<T>::lanes];
+  vstore(lanes, v);
+  std::copy(lanes, lanes + valid, x);
+}
+
 // Forward pass over the tile's block L (K, ld) of dot products <q_i, k_t>, t < tn: L becomes
 // W = softmax_i(scale L[:, t]) + eps (0 past tn), attn (K, attn_ld, may be null) gets the softmax A, and
 // z (K) the sum of W over the tile. zacc holds K vectors of partial sums.
@@ -229,27 +271,11 @@ KDFAST_CPU_CLONES void attention_weights(T* L, int64_t K, int64_t ld, int64_t tn
   std::fill(zacc, zacc + K * V, T(0));
   for (int64_t t = 0; t < tn; t += V) {
     const int64_t valid = std::min(V, tn - t);
-    vec_t<T> m = scale * vload(L + t);
-    for (int64_t i = 1; i < K; ++i) {
-      m = vmax<T>(m, scale * vload(L + i * ld + t));
-    }
-    vec_t<T> total = {};
+    softmax_over_slots(L, K, ld, t, scale);
     for (int64_t i = 0; i < K; ++i) {
-      const vec_t<T> e = vexp(scale * vload(L + i * ld + t) - m);
-      vstore(L + i * ld + t, e);
-      total += e;
-    }
-    const vec_t<T> inv = T(1) / total;
-    for (int64_t i = 0; i < K; ++i) {
-      const vec_t<T> a = vload(L + i * ld + t) * inv;
+      const vec_t<T> a = vload(L + i * ld + t);
       if (attn != nullptr) {
-        if (valid == V) {
-          vstore(attn + i * attn_ld + t, a);
-        } else {
-          T lanes[V];
-          vstore(lanes, a);
-          std::copy(lanes, lanes + valid, attn + i * attn_ld + t);
-        }
+        store_first(attn + i * attn_ld + t, a, valid);
       }
       const vec_t<T> w = valid == V ? a + eps : first_lanes<T>(a + eps, valid);
       vstore(L + i * ld + t, w);
@@ -265,17 +291,6 @@ KDFAST_CPU_CLONES void attention_weights(T* L, int64_t K, int64_t ld, int64_t tn
   }
 }
 
-// x[:valid] as a vector, the lanes past it 0 (never reading past x[valid - 1]).
-template <typename T>
-KDFAST_INLINE vec_t<T> load_first(const T* x, int64_t valid) {
-  if (valid == Vec<T>::lanes) {
-    return vload(x);
-  }
-  T lanes[Vec<T>::lanes] = {};
-  std::copy(x, x + valid, lanes);
-  return vload(lanes);
-}
-
 // Backward pass over the tile's block P = <G_i, v_t> (K, ld), t < tn, and the attention A of its tokens: the
 // softmax over the slots of scale L, L = <q_i, k_t> (K, ld), recomputed from L where saved_A is null, else read
 // from saved_A (K, a_ld), as the forward stored it. With g_i = (P_i - c_i) / Z_i + GA_i (the gradient reaching
@@ -288,20 +303,7 @@ KDFAST_CPU_CLONES void attention_gradients(T* L, T* P, int64_t K, int64_t ld, in
   for (int64_t t = 0; t < tn; t += V) {
     const int64_t valid = std::min(V, tn - t);
     if (saved_A == nullptr) {
-      vec_t<T> m = scale * vload(L + t);
-      for (int64_t i = 1; i < K; ++i) {
-        m = vmax<T>(m, scale * vload(L + i * ld + t));
-      }
-      vec_t<T> total = {};
-      for (int64_t i = 0; i < K; ++i) {
-        const vec_t<T> e = vexp(scale * vload(L + i * ld + t) - m);
-        vstore(L + i * ld + t, e);
-        total += e;
-      }
-      const vec_t<T> inv = T(1) / total;
-      for (int64_t i = 0; i < K; ++i) {
-        vstore(L + i * ld + t, vload(L + i * ld + t) * inv);
-      }
+      softmax_over_slots(L, K, ld, t, scale);
     } else {
       for (int64_t i = 0; i < K; ++i) {
         vstore(L + i * ld + t, load_first(saved_A + i * a_ld + t, valid));

@@ -128,10 +128,6 @@ def _(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _zero_grad_updates(q: Tensor, v: Tensor) -> Tensor:
-    return torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
-
-
 def _core_setup(ctx, inputs, output):
     q, k, v, ctx.scale, ctx.eps, ctx.return_attn, ctx.backend = inputs
     updates, _, norm = output
@@ -139,14 +135,19 @@ def _core_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, updates, norm)
 
 
-def _core_backward(ctx, grad_updates, grad_attn, grad_norm):
+def _saved_core_grads(ctx, grad_updates, grad_attn, backward):
+    """The gradients of (q, k, v, and the 4 non-tensor inputs) from ``backward`` (the custom op or the kernels)."""
     q, k, v, updates, norm = ctx.saved_tensors
     if grad_updates is None:
-        grad_updates = _zero_grad_updates(q, v)
+        grad_updates = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     if not ctx.return_attn:
         grad_attn = None
-    grads = _slot_attention_core_backward(grad_updates, grad_attn, q, k, v, updates, norm, ctx.scale, ctx.eps, ctx.backend)
+    grads = backward(grad_updates, grad_attn, q, k, v, updates, norm, ctx.scale, ctx.eps, ctx.backend)
     return *grads, None, None, None, None
+
+
+def _core_backward(ctx, grad_updates, grad_attn, grad_norm):
+    return _saved_core_grads(ctx, grad_updates, grad_attn, _slot_attention_core_backward)
 
 
 _slot_attention_core.register_autograd(_core_backward, setup_context=_core_setup)
@@ -172,13 +173,7 @@ class _SlotAttentionCore(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_updates, grad_attn, grad_norm):
-        q, k, v, updates, norm = ctx.saved_tensors
-        if grad_updates is None:
-            grad_updates = _zero_grad_updates(q, v)
-        if not ctx.return_attn:
-            grad_attn = None
-        grads = _kernel_backward(grad_updates, grad_attn, q, k, v, updates, norm, ctx.scale, ctx.eps, ctx.backend)
-        return *grads, None, None, None, None
+        return _saved_core_grads(ctx, grad_updates, grad_attn, _kernel_backward)
 
 
 def _cpp_core(q, k, v, scale, eps, return_attn, backend):
