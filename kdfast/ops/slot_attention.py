@@ -316,6 +316,123 @@ def _cpp_iterations(slots, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_o
     )
 
 
+def _fused_kernels():
+    return importlib.import_module("kdfast.kernels.slot_attention_iterations")
+
+
+@torch.library.custom_op("kdfast::_slot_attention_iterations_triton", mutates_args=())
+def _slot_attention_iterations_triton(
+    slots: Tensor, k: Tensor, v: Tensor, params: list[Tensor | None], n_iters: int, scale: float, eps: float,
+    hidden_normed: bool, act_iters: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """All iterations in one Triton launch: (slots, masks, act); ``params`` in the kernels' PARAMS order."""
+    p = _fused_params(params)
+    return _fused_kernels().slot_attention_forward(slots, k, v, p, n_iters, scale, eps, _LN_EPS, hidden_normed, True, act_iters)
+
+
+@_slot_attention_iterations_triton.register_fake
+def _(slots, k, v, params, n_iters, scale, eps, hidden_normed, act_iters):
+    B, K, D = slots.shape
+    Dh = params[_fused_kernels().PARAMS.index("mlp.layers.1.weight")]
+    C = _fused_kernels().act_layout(D, k.shape[2], v.shape[2], 0 if Dh is None else Dh.shape[0])["C"][0]
+    return slots.new_empty(B, K, D), slots.new_empty(B, K, k.shape[1]), slots.new_empty(act_iters, B, K, C)
+
+
+@torch.library.custom_op("kdfast::_slot_attention_iterations_triton_backward", mutates_args=())
+def _slot_attention_iterations_triton_backward(
+    grad_slots: Tensor, grad_attn: Tensor | None, k: Tensor, v: Tensor, params: list[Tensor | None], act: Tensor,
+    n_iters: int, scale: float, eps: float, hidden_normed: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dslots, dk, dv, dact) of the kept iterations; the parameter gradients follow from act and dact."""
+    p = _fused_params(params)
+    return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, p, act, n_iters, scale, eps, hidden_normed)
+
+
+@_slot_attention_iterations_triton_backward.register_fake
+def _(grad_slots, grad_attn, k, v, params, act, n_iters, scale, eps, hidden_normed):
+    D = grad_slots.shape[2]
+    Dh = params[_fused_kernels().PARAMS.index("mlp.layers.1.weight")]
+    C2 = _fused_kernels().dact_layout(D, k.shape[2], v.shape[2], 0 if Dh is None else Dh.shape[0])["C"][0]
+    return grad_slots.new_empty(grad_slots.shape), k.new_empty(k.shape), v.new_empty(v.shape), act.new_empty(*act.shape[:3], C2)
+
+
+def _fused_params(params) -> dict[str, Tensor]:
+    return {name: t for name, t in zip(_fused_kernels().PARAMS, params) if t is not None}
+
+
+def _fused_setup(ctx, k, v, act, params, n_iters, scale, eps, hidden_normed, act_iters):
+    ctx.n_iters, ctx.scale, ctx.eps, ctx.hidden_normed, ctx.act_iters = n_iters, scale, eps, hidden_normed, act_iters
+    ctx.mark_non_differentiable(act)
+    ctx.save_for_backward(k, v, act, *params)
+
+
+def _fused_grads(ctx, grad_slots, grad_attn, backward):
+    """(grad of the initial slots or None, dk, dv, [grad of each parameter or None]) from ``backward``."""
+    k, v, act, *params = ctx.saved_tensors
+    if grad_slots is None:
+        grad_slots = act.new_zeros(act.shape[1], act.shape[2], params[0].shape[0])
+    dslots, dk, dv, dact = backward(grad_slots, grad_attn, k, v, params, act, ctx.n_iters, ctx.scale, ctx.eps,
+                                    ctx.hidden_normed)
+    grads = _fused_kernels().parameter_grads(act, dact, _fused_params(params), ctx.hidden_normed)
+    names = _fused_kernels().PARAMS
+    # Only gradients through every iteration reach the initial slots (grad_last_only keeps the last one).
+    return (dslots if ctx.act_iters == ctx.n_iters else None), dk, dv, [
+        None if t is None else grads[name] for name, t in zip(names, params)]
+
+
+def _fused_setup_context(ctx, inputs, output):
+    slots, k, v, params, n_iters, scale, eps, hidden_normed, act_iters = inputs
+    _fused_setup(ctx, k, v, output[2], params, n_iters, scale, eps, hidden_normed, act_iters)
+
+
+def _fused_backward(ctx, grad_slots, grad_attn, grad_act):
+    dslots, dk, dv, dparams = _fused_grads(ctx, grad_slots, grad_attn, _slot_attention_iterations_triton_backward)
+    return dslots, dk, dv, dparams, None, None, None, None, None
+
+
+_slot_attention_iterations_triton.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+class _FusedIterations(torch.autograd.Function):
+    """The fused Triton iterations in eager mode: the kernels called directly, without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, slots, k, v, n_iters, scale, eps, hidden_normed, act_iters, *params):
+        out, attn, act = _fused_kernels().slot_attention_forward(
+            slots, k, v, _fused_params(params), n_iters, scale, eps, _LN_EPS, hidden_normed, True, act_iters)
+        _fused_setup(ctx, k, v, act, params, n_iters, scale, eps, hidden_normed, act_iters)
+        ctx.set_materialize_grads(False)
+        return out, attn, act
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_slots, grad_attn, grad_act):
+        def kernels(grad_slots, grad_attn, k, v, params, act, *args):
+            return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, _fused_params(params), act, *args)
+
+        dslots, dk, dv, dparams = _fused_grads(ctx, grad_slots, grad_attn, kernels)
+        return dslots, dk, dv, None, None, None, None, None, *dparams
+
+
+def _fits_fused(K: int, D: int, Dq: int, Dv: int) -> bool:
+    # the core's limits (MAX_SLOTS, MAX_DIM), which the fused kernels share, and the slot width D
+    kernels = _kernels()
+    return K <= kernels.MAX_SLOTS and max(D, Dq, Dv) <= kernels.MAX_DIM
+
+
+def _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only):
+    """Every iteration in one Triton launch each way. Returns the slots and the last masks."""
+    params = [p[name].contiguous() if name in p else None for name in _fused_kernels().PARAMS]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (s, k, v, *p.values()))
+    act_iters = n_iters if needs_grad and not grad_last_only else 1
+    args = (n_iters, scale, eps, gru_hidden == "normed", act_iters)
+    if torch.compiler.is_compiling():
+        s, attn, _ = _slot_attention_iterations_triton(s, k, v, params, *args)
+    else:
+        s, attn, _ = _FusedIterations.apply(s, k, v, *args, *params)
+    return s, attn
+
+
 def slot_attention(
     slots: Tensor,
     k: Tensor,
@@ -328,6 +445,7 @@ def slot_attention(
     gru_hidden: str = "normed",
     grad_last_only: bool = False,
     backend: str | None = None,
+    fused: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``n_iters`` slot attention iterations (videosaur ``SlotAttention.forward`` after the k/v projection).
 
@@ -349,6 +467,9 @@ def slot_attention(
         grad_last_only: gradients reach k, v and params through the last iteration only (the first
             ``n_iters - 1`` run without autograd; the slots entering the last are detached).
         backend: the core's backend, as in :func:`slot_attention_core`.
+        fused: on the triton backend, run all iterations in one persistent kernel per batch element (and one
+            for the backward; K <= 64, every width <= 256); False runs the loop (the core kernels between
+            torch layers). Other backends ignore it.
 
     Returns:
         ``(slots, masks)``: (B, K, D) and the last iteration's attention (B, K, N), in the slots' dtype
@@ -365,6 +486,8 @@ def slot_attention(
     _validate.choice("gru_hidden", gru_hidden, ("normed", "prev"))
     if not isinstance(grad_last_only, bool):
         raise TypeError(f"grad_last_only must be a bool, got {type(grad_last_only).__name__}")
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
     B, K, D = slots.shape
     Dq = k.shape[2]
     p = _check_params(params, D, Dq, v.shape[2], slots.device)
@@ -376,6 +499,9 @@ def slot_attention(
     s, k, v = _validate.cast(acc, slots, k, v)
     p = {key: value if value.dtype == acc else value.to(acc) for key, value in p.items()}
     with torch.autocast(slots.device.type, enabled=False):
+        if chosen == "triton" and fused and _fits_fused(K, D, Dq, v.shape[2]):
+            s, attn = _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only)
+            return s.to(out), attn.to(out)
         if chosen == "cpp" and not torch.compiler.is_compiling():
             s, attn = _cpp_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only)
             return s.to(out), attn.to(out)
