@@ -32,20 +32,21 @@ from .slot_attention import MAX_DIM, MAX_SLOTS, _softmax_over_slots
 # ------------------------------------------------------------------------------------------- layouts
 
 
-def act_layout(D, Dq, Dv, Dh):
-    """Columns of one row of ``act``: name -> (first column, width); total width under "C".
-
-    Kept in step with :func:`_act_columns` (the same order and widths).
-    """
-    widths = [("slots", D), ("xhat", D), ("x", D), ("q", Dq), ("u", Dv), ("r", D), ("z", D), ("n", D),
-              ("hn", D), ("h", D), ("yhat", D), ("y", D), ("a", Dh), ("rstd_x", 1), ("norm", 1), ("rstd_y", 1)]
+def act_layout(D, Dq, Dv, Dh, gru, mlp):
+    """Columns of one row of ``act``: name -> (first column, width), the total width under "C". A layer that
+    is absent has no columns (every column of the op's outputs is written). Kept in step with _act_columns."""
+    g, m = int(gru), int(mlp)
+    widths = [("slots", D), ("xhat", D), ("x", D), ("q", Dq), ("u", Dv), ("r", g * D), ("z", g * D),
+              ("n", g * D), ("hn", g * D), ("h", D), ("yhat", m * D), ("y", m * D), ("a", m * Dh),
+              ("rstd_x", 1), ("norm", 1), ("rstd_y", m)]
     return _columns(widths)
 
 
-def dact_layout(D, Dq, Dv, Dh):
-    """Columns of one row of ``dact`` (gradients of each layer's output); kept in step with :func:`_dact_columns`."""
-    widths = [("ds", D), ("dh", D), ("dhid", D), ("dx", D), ("dq", Dq), ("dgi", 3 * D), ("dgh", 3 * D),
-              ("da", Dh), ("dy", D)]
+def dact_layout(D, Dq, Dv, Dh, gru, mlp):
+    """Columns of one row of ``dact`` (gradients of each layer's output); kept in step with _dact_columns."""
+    g, m = int(gru), int(mlp)
+    widths = [("ds", D), ("dh", D), ("dx", D), ("dq", Dq), ("dgi", g * 3 * D), ("dgh", g * 3 * D),
+              ("da", m * Dh), ("dy", m * D)]
     return _columns(widths)
 
 
@@ -59,38 +60,40 @@ def _columns(widths):
 
 
 @triton.jit
-def _act_columns(D, DQ, DV, DH):
+def _act_columns(D, DQ, DV, DH, HAS_GRU: tl.constexpr, HAS_MLP: tl.constexpr):
+    G = D if HAS_GRU else 0
+    M = D if HAS_MLP else 0
     c_s = 0
     c_xh = c_s + D
     c_x = c_xh + D
     c_q = c_x + D
     c_u = c_q + DQ
     c_r = c_u + DV
-    c_z = c_r + D
-    c_n = c_z + D
-    c_hn = c_n + D
-    c_h = c_hn + D
+    c_z = c_r + G
+    c_n = c_z + G
+    c_hn = c_n + G
+    c_h = c_hn + G
     c_yh = c_h + D
-    c_y = c_yh + D
-    c_a = c_y + D
-    c_rsx = c_a + DH
+    c_y = c_yh + M
+    c_a = c_y + M
+    c_rsx = c_a + (DH if HAS_MLP else 0)
     c_norm = c_rsx + 1
     c_rsy = c_norm + 1
     return c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy
 
 
 @triton.jit
-def _dact_columns(D, DQ, DV, DH):
+def _dact_columns(D, DQ, DV, DH, HAS_GRU: tl.constexpr, HAS_MLP: tl.constexpr):
+    G = 3 * D if HAS_GRU else 0
     c_ds = 0
     c_dh = c_ds + D
-    c_dhid = c_dh + D
-    c_dx = c_dhid + D
+    c_dx = c_dh + D
     c_dq = c_dx + D
     c_dgi = c_dq + DQ
-    c_dgh = c_dgi + 3 * D
-    c_da = c_dgh + 3 * D
-    c_dy = c_da + DH
-    return c_ds, c_dh, c_dhid, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy
+    c_dgh = c_dgi + G
+    c_da = c_dgh + G
+    c_dy = c_da + (DH if HAS_MLP else 0)
+    return c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy
 
 
 # ------------------------------------------------------------------------------------- tile helpers
@@ -196,7 +199,7 @@ def _slot_attention_fwd_kernel(
     scale = tl.full([], scale, acc)
     eps = tl.full([], eps, acc)
     ln_eps = tl.full([], ln_eps, acc)
-    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy = _act_columns(D, DQ, DV, DH)
+    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy = _act_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
     offs_k = tl.arange(0, BLOCK_K)
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -323,8 +326,8 @@ def _slot_attention_bwd_kernel(
     acc = tl.float64 if IS_FP64 else tl.float32
     scale = tl.full([], scale, acc)
     eps = tl.full([], eps, acc)
-    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy = _act_columns(D, DQ, DV, DH)
-    c_ds, c_dh, c_dhid, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy = _dact_columns(D, DQ, DV, DH)
+    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy = _act_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
+    c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy = _dact_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
     offs_k = tl.arange(0, BLOCK_K)
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -437,7 +440,7 @@ def _slot_attention_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------ launchers
 
-PARAMS = ("norm_slots.weight", "norm_slots.bias", "to_q.weight", "to_q.bias", "gru.weight_ih", "gru.weight_hh",
+_KERNEL_PARAMS = ("norm_slots.weight", "norm_slots.bias", "to_q.weight", "to_q.bias", "gru.weight_ih", "gru.weight_hh",
           "gru.bias_ih", "gru.bias_hh", "mlp.layers.0.weight", "mlp.layers.0.bias", "mlp.layers.1.weight",
           "mlp.layers.1.bias", "mlp.layers.3.weight", "mlp.layers.3.bias")
 
@@ -467,7 +470,7 @@ def _dims(slots, k, v, p):
 
 
 def _pointers(p, dummy):
-    return [p.get(name, dummy) for name in PARAMS]
+    return [p.get(name, dummy) for name in _KERNEL_PARAMS]
 
 
 def slot_attention_forward(slots, k, v, p, n_iters: int, scale: float, eps: float, ln_eps: float,
@@ -475,14 +478,14 @@ def slot_attention_forward(slots, k, v, p, n_iters: int, scale: float, eps: floa
     """All iterations of a frame: (slots (B, K, D), attn (B, K, N) or (B, K, 0), act).
 
     slots (B, K, D), k (B, N, Dq), v (B, N, Dv): one dtype (float32 or float64), any strides. p: the
-    iteration's parameters by videosaur state_dict key (:data:`PARAMS`), contiguous, in that dtype; no
+    iteration's parameters by videosaur state_dict key, contiguous, in that dtype; no
     "gru.weight_ih" means no GRU, no "mlp.layers.1.weight" no MLP. ``act`` (act_iters, B, K, C) holds the
     activations of the last ``act_iters`` iterations (1 when no backward follows, or gradients flow through
     the last iteration only; n_iters for gradients through all).
     """
     B, K, N, D, Dq, Dv, Dh = _dims(slots, k, v, p)
     check_limits(K, D, Dq, Dv)
-    C = act_layout(D, Dq, Dv, Dh)["C"][0]
+    C = act_layout(D, Dq, Dv, Dh, "gru.weight_ih" in p, "mlp.layers.1.weight" in p)["C"][0]
     dtype, device = slots.dtype, slots.device
     out = empty_output((B, K, D), dtype, device)
     attn = empty_output((B, K, N if return_attn else 0), dtype, device)
@@ -511,7 +514,7 @@ def slot_attention_backward(grad_slots, grad_attn, k, v, p, act, n_iters: int, s
     D = grad_slots.shape[2]
     N, Dq, Dv = k.shape[1], k.shape[2], v.shape[2]
     Dh = p["mlp.layers.1.weight"].shape[0] if "mlp.layers.1.weight" in p else 0
-    C2 = dact_layout(D, Dq, Dv, Dh)["C"][0]
+    C2 = dact_layout(D, Dq, Dv, Dh, "gru.weight_ih" in p, "mlp.layers.1.weight" in p)["C"][0]
     dtype, device = act.dtype, act.device
     dslots = empty_output((B, K, D), dtype, device)
     dk = empty_output((B, N, Dq), dtype, device)
@@ -540,7 +543,8 @@ def parameter_grads(act, dact, p, hidden_normed: bool) -> dict:
     Dv = p["gru.weight_ih"].shape[1] if "gru.weight_ih" in p else D
     Dh = p["mlp.layers.1.weight"].shape[0] if "mlp.layers.1.weight" in p else 0
     rows, drows = act.reshape(-1, act.shape[-1]), dact.reshape(-1, dact.shape[-1])
-    cols, dcols = act_layout(D, Dq, Dv, Dh), dact_layout(D, Dq, Dv, Dh)
+    layers = ("gru.weight_ih" in p, "mlp.layers.1.weight" in p)
+    cols, dcols = act_layout(D, Dq, Dv, Dh, *layers), dact_layout(D, Dq, Dv, Dh, *layers)
 
     def a(name):
         start, width = cols[name]

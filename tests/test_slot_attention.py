@@ -668,3 +668,143 @@ def test_triton_limits_name_the_fallback(device, backend):
     wide = rand(1, 3, kernels.MAX_DIM + 1, device=device)
     with pytest.raises(ValueError, match=r"D, Dv <= 256"):
         ops.slot_attention_core(wide, rand(1, 5, kernels.MAX_DIM + 1, device=device), v, backend="triton")
+
+
+# -------------------------------------------------------------------------- fused iterations (Triton)
+
+TRITON_CASES = [c for c in CASES if c.values[1] == "triton"]
+
+
+def _iteration_params(D, Dq, Dv, Dh, gru=True, gru_bias=True, mlp=True, q_bias=False, dtype=torch.float64, device="cpu"):
+    """Random parameters by videosaur key; LayerNorm weights near 1, the rest scaled like a default init."""
+    r = lambda *shape: rand(*shape, dtype=dtype, device=device) * shape[-1] ** -0.5
+    p = {"norm_slots.weight": 1 + 0.2 * r(D), "norm_slots.bias": 0.2 * r(D), "to_q.weight": r(Dq, D)}
+    if q_bias:
+        p["to_q.bias"] = r(Dq)
+    if gru:
+        p.update({"gru.weight_ih": r(3 * D, Dv), "gru.weight_hh": r(3 * D, D)})
+        if gru_bias:
+            p.update({"gru.bias_ih": r(3 * D), "gru.bias_hh": r(3 * D)})
+    if mlp:
+        p.update({"mlp.layers.0.weight": 1 + 0.2 * r(D), "mlp.layers.0.bias": 0.2 * r(D), "mlp.layers.1.weight": r(Dh, D),
+                  "mlp.layers.1.bias": r(Dh), "mlp.layers.3.weight": r(D, Dh), "mlp.layers.3.bias": r(D)})
+    return p
+
+
+# (B, K, N, D, Dq, Dv, Dh, layers, gru_hidden, grad_last_only, n_iters): K = 1 and N = 1; widths that are not
+# powers of two and span several 32-column chunks (D = 48, Dq = 96, Dv = 40, Dh = 100); a q bias and a GRU
+# without biases; no GRU (both hidden states), no MLP, neither; gradients through the last iteration only;
+# the slot limit K = 64; N over several token tiles.
+FUSED_CONFIGS = [
+    (1, 1, 1, 16, 16, 16, 64, {}, "normed", False, 2),
+    (2, 5, 37, 48, 96, 40, 100, {}, "prev", False, 3),
+    (2, 3, 29, 20, 12, 12, 40, {"q_bias": True, "gru_bias": False}, "normed", False, 2),
+    (2, 4, 33, 24, 24, 24, 48, {"gru": False}, "prev", False, 2),
+    (2, 4, 33, 24, 24, 24, 0, {"gru": False, "mlp": False}, "normed", False, 3),
+    (2, 3, 29, 16, 20, 20, 0, {"mlp": False}, "prev", False, 2),
+    (2, 3, 29, 16, 12, 12, 64, {}, "normed", True, 3),
+    (1, 64, 20, 16, 16, 16, 32, {}, "normed", False, 2),
+    (2, 7, 300, 32, 32, 32, 128, {}, "normed", False, 2),
+]
+
+
+@pytest.mark.parametrize("config", FUSED_CONFIGS, ids=lambda c: "-".join(map(str, c[:7])) + f"-{c[8]}-{c[10]}it" + ("-last" if c[9] else "") + "".join(f"-{k}={v}" for k, v in c[7].items()))
+@pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
+def test_fused_iterations_match_reference(device, backend, config):
+    """The fused kernels against the float64 reference: slots, masks and the gradients of slots, k, v and every
+    parameter, from both outputs and from the masks alone; k and v strided (a transposed projection output)."""
+    B, K, N, D, Dq, Dv, Dh, layers, gru_hidden, grad_last_only, n_iters = config
+    params64 = _iteration_params(D, Dq, Dv, Dh, **layers, device=device)
+    for dtype in dtypes(device, backend):
+        p = {name: leaf(t.to(dtype)) for name, t in params64.items()}
+        slots = leaf(rand(B, K, D, dtype=dtype, device=device))
+        k = leaf(rand(B, Dq, N, dtype=dtype, device=device)).transpose(1, 2)
+        v = leaf(rand(B, Dv, N, dtype=dtype, device=device)).transpose(1, 2)
+        got = ops.slot_attention(slots, k, v, p, n_iters, gru_hidden=gru_hidden, grad_last_only=grad_last_only, backend=backend)
+        inputs64 = [leaf(t.detach().double()) for t in (slots, k, v)]
+        p64 = {name: leaf(t.detach().double()) for name, t in p.items()}
+        want = reference.slot_attention(*inputs64, p64, n_iters, None, 1e-8, gru_hidden, grad_last_only)
+        for name, g, w in zip(("slots", "masks"), got, want):
+            assert g.dtype == dtype and g.shape == w.shape
+            assert_close(g, w, dtype, f"{dtype}: {name}")
+        grad_out = (rand(B, K, D, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
+        wrt, wrt64 = (slots, k, v, *p.values()), (*inputs64, *p64.values())
+        for used in ((0, 1), (1,)):
+            got_grads = torch.autograd.grad([got[i] for i in used], wrt, [grad_out[i] for i in used], allow_unused=True, retain_graph=True)
+            want_grads = torch.autograd.grad([want[i] for i in used], wrt64, [grad_out[i].double() for i in used],
+                                             allow_unused=True, retain_graph=True)
+            for name, g, w in zip(("slots", "k", "v", *p), got_grads, want_grads):
+                what = f"{dtype}, outputs {used}: grad of {name}"
+                if w is None:  # grad_last_only: the initial slots get none, nor does v from the masks alone
+                    assert g is None or not g.any(), what
+                    continue
+                assert g.dtype == dtype and g.shape == w.shape, what
+                assert_close(g, w, dtype, what)
+
+
+@pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
+def test_fused_iterations_large_logits_and_determinism(device, backend):
+    """scale x 100 saturates the softmax and the GRU's gates: finite and as the reference; two runs agree bit
+    for bit (dk and dv add up over the iterations in place, no atomics)."""
+    B, K, N, D = 2, 5, 40, 16
+    p = {name: leaf(t.float()) for name, t in _iteration_params(D, D, D, 32, device=device).items()}
+    slots, k, v = (leaf(rand(B, n, D, device=device)) for n in (K, N, N))
+    runs = []
+    for _ in range(2):
+        got = ops.slot_attention(slots, k, v, p, 3, scale=100 * D**-0.5, backend=backend)
+        grads = torch.autograd.grad(got, (slots, k, v, *p.values()), (torch.ones_like(got[0]), torch.ones_like(got[1])))
+        runs.append((*got, *grads))
+    want = reference.slot_attention(*(leaf(t.detach().double()) for t in (slots, k, v)),
+                                    {n: t.detach().double() for n, t in p.items()}, 3, 100 * D**-0.5)
+    for name, g, w in zip(("slots", "masks"), runs[0], want):
+        assert torch.isfinite(g).all(), name
+        assert_close(g, w, torch.float32, f"large logits: {name}")
+    for first, second in zip(*runs):
+        assert torch.isfinite(first).all()
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
+def test_fused_iterations_opcheck(device, backend):
+    kd = torch.ops.kdfast
+    names = slot_attention_module._FUSED_PARAMS
+    B, K, N, D, Dv, Dh = 2, 3, 5, 4, 6, 8
+    every = _iteration_params(D, D, Dv, Dh, q_bias=True, dtype=torch.float32, device=device)
+    bare = _iteration_params(D, D, D, 0, gru=False, mlp=False, dtype=torch.float32, device=device)
+    for p, width, hidden_normed in ((every, Dv, True), (bare, D, False)):
+        params = [leaf(p[name]) if name in p else None for name in names]
+        slots, k, v = leaf(rand(B, K, D, device=device)), leaf(rand(B, N, D, device=device)), leaf(rand(B, N, width, device=device))
+        for n_iters, act_iters in ((2, 2), (3, 1)):
+            args = (slots, k, v, *params, n_iters, D**-0.5, 1e-8, hidden_normed, act_iters)
+            torch.library.opcheck(kd._slot_attention_iterations_triton.default, args)
+            with torch.no_grad():
+                _, _, act = kd._slot_attention_iterations_triton(*args)
+            detached = [None if t is None else t.detach() for t in params]
+            for grad_attn in (rand(B, K, N, device=device), None):
+                backward_args = (rand(B, K, D, device=device), grad_attn, k.detach(), v.detach(), act, *detached,
+                                 n_iters, D**-0.5, 1e-8, hidden_normed)
+                torch.library.opcheck(kd._slot_attention_iterations_triton_backward.default, backward_args)
+
+
+@pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
+def test_fused_iterations_compile_fullgraph(device, backend):
+    """torch.compile calls the fused op (opaque to the tracer): the same values and gradients as eager."""
+    p = {name: leaf(t.float()) for name, t in _iteration_params(16, 12, 12, 24, device=device).items()}
+    slots, k, v = leaf(rand(2, 5, 16, device=device)), leaf(rand(2, 29, 12, device=device)), leaf(rand(2, 29, 12, device=device))
+
+    def fn(slots, k, v, *values):
+        return ops.slot_attention(slots, k, v, dict(zip(p, values)), 2, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    want, got = fn(slots, k, v, *p.values()), compiled(slots, k, v, *p.values())
+    grad_out = (rand(2, 5, 16, device=device), rand(2, 5, 29, device=device))
+    wrt = (slots, k, v, *p.values())
+    for g, w in zip((*got, *torch.autograd.grad(got, wrt, grad_out)), (*want, *torch.autograd.grad(want, wrt, grad_out))):
+        torch.testing.assert_close(g, w)
+
+
+def test_fused_must_be_a_bool():
+    eager = EagerSlotAttention(8, 6, kvq_dim=4)
+    params = {name: p.detach() for name, p in eager.named_parameters()}
+    with pytest.raises(TypeError, match=r"fused must be a bool, got int"):
+        ops.slot_attention(rand(2, 3, 6), rand(2, 5, 4), rand(2, 5, 4), params, fused=1)

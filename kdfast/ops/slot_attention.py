@@ -320,44 +320,65 @@ def _fused_kernels():
     return importlib.import_module("kdfast.kernels.slot_attention_iterations")
 
 
+# The iteration's parameters in the order of the fused op's arguments: separate optional arguments, as a list
+# argument's gradient structure trips the custom op's autograd under AOTDispatch.
+_FUSED_PARAMS = (
+    "norm_slots.weight", "norm_slots.bias", "to_q.weight", "to_q.bias", "gru.weight_ih", "gru.weight_hh",
+    "gru.bias_ih", "gru.bias_hh", "mlp.layers.0.weight", "mlp.layers.0.bias", "mlp.layers.1.weight",
+    "mlp.layers.1.bias", "mlp.layers.3.weight", "mlp.layers.3.bias",
+)
+
+
 @torch.library.custom_op("kdfast::_slot_attention_iterations_triton", mutates_args=())
 def _slot_attention_iterations_triton(
-    slots: Tensor, k: Tensor, v: Tensor, params: list[Tensor | None], n_iters: int, scale: float, eps: float,
-    hidden_normed: bool, act_iters: int,
+    slots: Tensor, k: Tensor, v: Tensor,
+    norm_w: Tensor, norm_b: Tensor, wq: Tensor, bq: Tensor | None, w_ih: Tensor | None, w_hh: Tensor | None,
+    b_ih: Tensor | None, b_hh: Tensor | None, mlp_norm_w: Tensor | None, mlp_norm_b: Tensor | None,
+    w1: Tensor | None, b1: Tensor | None, w3: Tensor | None, b3: Tensor | None,
+    n_iters: int, scale: float, eps: float, hidden_normed: bool, act_iters: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """All iterations in one Triton launch: (slots, masks, act); ``params`` in the kernels' PARAMS order."""
-    p = _fused_params(params)
+    """All iterations in one Triton launch: (slots, masks, act)."""
+    p = _fused_params((norm_w, norm_b, wq, bq, w_ih, w_hh, b_ih, b_hh, mlp_norm_w, mlp_norm_b, w1, b1, w3, b3))
     return _fused_kernels().slot_attention_forward(slots, k, v, p, n_iters, scale, eps, _LN_EPS, hidden_normed, True, act_iters)
 
 
 @_slot_attention_iterations_triton.register_fake
-def _(slots, k, v, params, n_iters, scale, eps, hidden_normed, act_iters):
+def _(slots, k, v, *args):
+    *params, n_iters, scale, eps, hidden_normed, act_iters = args
     B, K, D = slots.shape
-    Dh = params[_fused_kernels().PARAMS.index("mlp.layers.1.weight")]
-    C = _fused_kernels().act_layout(D, k.shape[2], v.shape[2], 0 if Dh is None else Dh.shape[0])["C"][0]
+    C = _fused_kernels().act_layout(D, k.shape[2], v.shape[2], *_fused_layers(params))["C"][0]
     return slots.new_empty(B, K, D), slots.new_empty(B, K, k.shape[1]), slots.new_empty(act_iters, B, K, C)
 
 
 @torch.library.custom_op("kdfast::_slot_attention_iterations_triton_backward", mutates_args=())
 def _slot_attention_iterations_triton_backward(
-    grad_slots: Tensor, grad_attn: Tensor | None, k: Tensor, v: Tensor, params: list[Tensor | None], act: Tensor,
+    grad_slots: Tensor, grad_attn: Tensor | None, k: Tensor, v: Tensor, act: Tensor,
+    norm_w: Tensor, norm_b: Tensor, wq: Tensor, bq: Tensor | None, w_ih: Tensor | None, w_hh: Tensor | None,
+    b_ih: Tensor | None, b_hh: Tensor | None, mlp_norm_w: Tensor | None, mlp_norm_b: Tensor | None,
+    w1: Tensor | None, b1: Tensor | None, w3: Tensor | None, b3: Tensor | None,
     n_iters: int, scale: float, eps: float, hidden_normed: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dslots, dk, dv, dact) of the kept iterations; the parameter gradients follow from act and dact."""
-    p = _fused_params(params)
+    p = _fused_params((norm_w, norm_b, wq, bq, w_ih, w_hh, b_ih, b_hh, mlp_norm_w, mlp_norm_b, w1, b1, w3, b3))
     return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, p, act, n_iters, scale, eps, hidden_normed)
 
 
 @_slot_attention_iterations_triton_backward.register_fake
-def _(grad_slots, grad_attn, k, v, params, act, n_iters, scale, eps, hidden_normed):
-    D = grad_slots.shape[2]
-    Dh = params[_fused_kernels().PARAMS.index("mlp.layers.1.weight")]
-    C2 = _fused_kernels().dact_layout(D, k.shape[2], v.shape[2], 0 if Dh is None else Dh.shape[0])["C"][0]
+def _(grad_slots, grad_attn, k, v, act, *args):
+    *params, n_iters, scale, eps, hidden_normed = args
+    C2 = _fused_kernels().dact_layout(grad_slots.shape[2], k.shape[2], v.shape[2], *_fused_layers(params))["C"][0]
     return grad_slots.new_empty(grad_slots.shape), k.new_empty(k.shape), v.new_empty(v.shape), act.new_empty(*act.shape[:3], C2)
 
 
+def _fused_layers(params) -> tuple[int, bool, bool]:
+    """(MLP hidden width or 0, has a GRU, has an MLP) of a list in _FUSED_PARAMS order."""
+    p = _fused_params(params)
+    mlp = "mlp.layers.1.weight" in p
+    return (p["mlp.layers.1.weight"].shape[0] if mlp else 0), "gru.weight_ih" in p, mlp
+
+
 def _fused_params(params) -> dict[str, Tensor]:
-    return {name: t for name, t in zip(_fused_kernels().PARAMS, params) if t is not None}
+    return {name: t for name, t in zip(_FUSED_PARAMS, params) if t is not None}
 
 
 def _fused_setup(ctx, k, v, act, params, n_iters, scale, eps, hidden_normed, act_iters):
@@ -371,23 +392,23 @@ def _fused_grads(ctx, grad_slots, grad_attn, backward):
     k, v, act, *params = ctx.saved_tensors
     if grad_slots is None:
         grad_slots = act.new_zeros(act.shape[1], act.shape[2], params[0].shape[0])
-    dslots, dk, dv, dact = backward(grad_slots, grad_attn, k, v, params, act, ctx.n_iters, ctx.scale, ctx.eps,
+    dslots, dk, dv, dact = backward(grad_slots, grad_attn, k, v, act, *params, ctx.n_iters, ctx.scale, ctx.eps,
                                     ctx.hidden_normed)
     grads = _fused_kernels().parameter_grads(act, dact, _fused_params(params), ctx.hidden_normed)
-    names = _fused_kernels().PARAMS
+    names = _FUSED_PARAMS
     # Only gradients through every iteration reach the initial slots (grad_last_only keeps the last one).
     return (dslots if ctx.act_iters == ctx.n_iters else None), dk, dv, [
         None if t is None else grads[name] for name, t in zip(names, params)]
 
 
 def _fused_setup_context(ctx, inputs, output):
-    slots, k, v, params, n_iters, scale, eps, hidden_normed, act_iters = inputs
+    slots, k, v, *params, n_iters, scale, eps, hidden_normed, act_iters = inputs
     _fused_setup(ctx, k, v, output[2], params, n_iters, scale, eps, hidden_normed, act_iters)
 
 
 def _fused_backward(ctx, grad_slots, grad_attn, grad_act):
     dslots, dk, dv, dparams = _fused_grads(ctx, grad_slots, grad_attn, _slot_attention_iterations_triton_backward)
-    return dslots, dk, dv, dparams, None, None, None, None, None
+    return dslots, dk, dv, *dparams, None, None, None, None, None
 
 
 _slot_attention_iterations_triton.register_autograd(_fused_backward, setup_context=_fused_setup_context)
@@ -407,27 +428,30 @@ class _FusedIterations(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_slots, grad_attn, grad_act):
-        def kernels(grad_slots, grad_attn, k, v, params, act, *args):
-            return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, _fused_params(params), act, *args)
+        def kernels(grad_slots, grad_attn, k, v, act, *args):
+            *params, n_iters, scale, eps, hidden_normed = args
+            return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, _fused_params(params), act,
+                                                            n_iters, scale, eps, hidden_normed)
 
         dslots, dk, dv, dparams = _fused_grads(ctx, grad_slots, grad_attn, kernels)
         return dslots, dk, dv, None, None, None, None, None, *dparams
 
 
+@torch.compiler.assume_constant_result
 def _fits_fused(K: int, D: int, Dq: int, Dv: int) -> bool:
-    # the core's limits (MAX_SLOTS, MAX_DIM), which the fused kernels share, and the slot width D
+    """Within the fused kernels' limits: the core's (MAX_SLOTS, MAX_DIM), and the slot width D."""
     kernels = _kernels()
     return K <= kernels.MAX_SLOTS and max(D, Dq, Dv) <= kernels.MAX_DIM
 
 
 def _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only):
     """Every iteration in one Triton launch each way. Returns the slots and the last masks."""
-    params = [p[name].contiguous() if name in p else None for name in _fused_kernels().PARAMS]
+    params = [p[name].contiguous() if name in p else None for name in _FUSED_PARAMS]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (s, k, v, *p.values()))
     act_iters = n_iters if needs_grad and not grad_last_only else 1
     args = (n_iters, scale, eps, gru_hidden == "normed", act_iters)
     if torch.compiler.is_compiling():
-        s, attn, _ = _slot_attention_iterations_triton(s, k, v, params, *args)
+        s, attn, _ = _slot_attention_iterations_triton(s, k, v, *params, *args)
     else:
         s, attn, _ = _FusedIterations.apply(s, k, v, *args, *params)
     return s, attn
