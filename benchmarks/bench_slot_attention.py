@@ -85,7 +85,8 @@ def make_module(B, N, inp_dim, D, K, backward, iters):
     features = torch.randn(B, N, inp_dim, device=DEVICE, dtype=DTYPE, requires_grad=backward)
 
     def kdfast_module(slots, features, backend):
-        fused.backend = backend
+        # "triton-loop": the core kernels between torch layers instead of the fused iteration kernels
+        fused.backend, fused.fused = backend.removesuffix("-loop"), not backend.endswith("-loop")
         return fused(slots, features)
 
     wrt = (slots, features, *eager.parameters(), *fused.parameters()) if backward else ()
@@ -118,12 +119,19 @@ def cost(B, N, inp_dim, D, K, iters, backward) -> tuple[int, int]:
     return nbytes, flops
 
 
+def _implementations(op_name: str) -> list[str]:
+    names = implementation_names("_slot_attention_core_forward", slot_attention_ops._IMPLEMENTED)
+    if op_name != "slot_attention_core" and "kdfast-triton" in names:  # the step before the fused iterations
+        names.insert(names.index("kdfast-triton") + 1, "kdfast-triton-loop")
+    return names
+
+
 CASES = [
     pytest.param(op_name, pass_name, preset, impl, id=f"{op_name}-{pass_name}-{preset}-{impl}")
     for op_name in OPS
     for pass_name in PASSES
     for preset in PRESETS
-    for impl in implementation_names("_slot_attention_core_forward", slot_attention_ops._IMPLEMENTED)
+    for impl in _implementations(op_name)
 ]
 
 

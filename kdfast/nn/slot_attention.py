@@ -39,6 +39,8 @@ class SlotAttention(nn.Module):
             ``"prev"`` (the incoming slots, Locatello et al.'s original).
         grad_last_only: gradients through the last iteration only (implicit differentiation).
         backend: as in kdfast.ops (None: ``KDFAST_BACKEND``, default ``auto``).
+        fused: on the triton backend, all iterations in one persistent kernel each way (False: the loop of
+            core kernels and torch layers); see :func:`kdfast.ops.slot_attention`.
 
     Shapes: slots (B, K, slot_dim), features (B, N, inp_dim) -> ``{"slots": (B, K, slot_dim),
     "masks": (B, K, N)}``, the masks being the attention of the last iteration (softmax over slots, before eps).
@@ -58,6 +60,7 @@ class SlotAttention(nn.Module):
         gru_hidden: str = "normed",
         grad_last_only: bool = False,
         backend: str | None = None,
+        fused: bool = True,
     ):
         super().__init__()
         if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
@@ -76,7 +79,7 @@ class SlotAttention(nn.Module):
         self.norm_features = nn.LayerNorm(inp_dim)
         self.norm_slots = nn.LayerNorm(slot_dim)
         self.n_iters, self.eps, self.scale = n_iters, eps, kvq_dim**-0.5
-        self.gru_hidden, self.grad_last_only, self.backend = gru_hidden, grad_last_only, backend
+        self.gru_hidden, self.grad_last_only, self.backend, self.fused = gru_hidden, grad_last_only, backend, fused
 
     def iteration_params(self) -> dict[str, Tensor]:
         """The parameters of one iteration, by state_dict key (the ``params`` of kdfast.ops.slot_attention)."""
@@ -90,7 +93,7 @@ class SlotAttention(nn.Module):
         slots, masks = ops.slot_attention(
             slots, keys, values, self.iteration_params(), n_iters,
             scale=self.scale, eps=self.eps, gru_hidden=self.gru_hidden, grad_last_only=self.grad_last_only,
-            backend=self.backend,
+            backend=self.backend, fused=self.fused,
         )
         return {"slots": slots, "masks": masks}
 
