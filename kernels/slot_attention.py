@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._launch import accumulator_dtype, block_size, device_guard, empty_output, is_fp64
 
-MAX_SLOTS = 64  # largest K one program holds; the caller falls back above it
+MAX_SLOTS = 64  # largest K one program holds; the caller falls back above it (see also MAX_SLOT_TILE)
 MAX_DIM = 256  # largest D and Dv
 
 
@@ -198,11 +198,22 @@ def _slot_attention_core_bwd_reduce_kernel(
              dq.to(dq_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (offs_d[None, :] < D))
 
 
+# Largest padded K x max(D, Dv) tile: the kernels hold several of them (q, the gradients, dq) whole; above it
+# the backward asks for more shared memory than an H100/H200 block has (compiled for sm_90: 64 x 256 needs
+# 276 KB at 16-token tiles, 32 x 256 needs 174 KB).
+MAX_SLOT_TILE = 8192
+
+
+def within_limits(K: int, D: int, Dv: int) -> bool:
+    return K <= MAX_SLOTS and max(D, Dv) <= MAX_DIM and block_size(K) * block_size(max(D, Dv)) <= MAX_SLOT_TILE
+
+
 def check_limits(K: int, D: int, Dv: int) -> None:
-    if K > MAX_SLOTS or D > MAX_DIM or Dv > MAX_DIM:
+    if not within_limits(K, D, Dv):
         raise ValueError(
-            f"kdfast.kernels.slot_attention handles K <= {MAX_SLOTS} slots and D, Dv <= {MAX_DIM}, got K={K}, "
-            f"D={D}, Dv={Dv}; fall back to another backend above them"
+            f"kdfast.kernels.slot_attention handles K <= {MAX_SLOTS} slots and D, Dv <= {MAX_DIM} with K x max(D, Dv) "
+            f"<= {MAX_SLOT_TILE} (each padded to a power of two), got K={K}, D={D}, Dv={Dv}; fall back to another "
+            "backend above them"
         )
 
 
@@ -211,12 +222,20 @@ _TARGET_PROGRAMS = 512
 
 
 def _geometry(B, K, N, D, Dv, dtype, device, block_n=None, chunk=None):
-    """(BLOCK_K, BLOCK_N, BLOCK_D, BLOCK_DV, CHUNK, chunks, tiles per chunk, num_warps)."""
+    """(BLOCK_K, BLOCK_N, BLOCK_D, BLOCK_DV, CHUNK, chunks, tiles per chunk, num_warps).
+
+    On a GPU: 8 warps and 32-token tiles, 16 for tiles above 16 x 64 (the float32 dots are IEEE FMA dots whose
+    operands each thread holds whole; compiled for sm_90 these spill nothing or under 100 bytes at the
+    SlotContrast presets, where 64-token tiles at 4 warps spilled 9 KB in the backward). Still to be timed.
+    The interpreter takes the widest tile within a register-like budget: fewer, larger numpy steps.
+    """
     block_k, block_d, block_dv = block_size(K), block_size(D), block_size(Dv)
     if block_n is None:
-        # the widest of q / v and the (K, BLOCK_N) logits tile within a register budget
-        budget = 4096 if dtype == torch.float64 else 8192
-        block_n = max(16, min(128, budget // max(block_d, block_dv, block_k)))
+        if device.type == "cuda":
+            block_n = 32 if block_k * max(block_d, block_dv) <= 1024 else 16
+        else:
+            budget = 4096 if dtype == torch.float64 else 8192
+            block_n = max(16, min(128, budget // max(block_d, block_dv, block_k)))
         block_n = min(block_n, block_size(N))
     if chunk is None:
         tiles = triton.cdiv(N, block_n)
@@ -224,9 +243,7 @@ def _geometry(B, K, N, D, Dv, dtype, device, block_n=None, chunk=None):
         chunks = 1 if device.type == "cpu" else max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, B)))
         chunk = triton.cdiv(tiles, chunks) * block_n
     chunks = triton.cdiv(N, chunk)
-    elements = block_k * max(block_d, block_dv) + block_n * max(block_d, block_dv, block_k)
-    num_warps = 8 if elements > 16384 else 4
-    return block_k, block_n, block_d, block_dv, chunk, chunks, triton.cdiv(chunk, block_n), num_warps
+    return block_k, block_n, block_d, block_dv, chunk, chunks, triton.cdiv(chunk, block_n), 8
 
 
 def slot_attention_core_forward(q, k, v, scale: float, eps: float, return_attn: bool, block_n=None, chunk=None):

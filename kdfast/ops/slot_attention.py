@@ -11,7 +11,7 @@ it is all the recomputing backward needs (never a (B, K, N) tensor). ``attn`` is
 :func:`slot_attention` runs whole iterations (LayerNorm, q projection, the core, GRUCell, residual MLP)
 with the core as above and the small dense layers in torch.
 
-Backends: ``triton`` (kdfast.kernels.slot_attention; K <= 64, D, Dv <= 256), ``cpp``
+Backends: ``triton`` (kdfast.kernels.slot_attention; K <= 64, D, Dv <= 256, padded K x max(D, Dv) <= 8192), ``cpp``
 (csrc/cpu/slot_attention.cpp), ``reference`` (kdfast.reference).
 
 In eager mode the cpp backend calls ``kdfast::_slot_attention_core_cpp``, the same kernels behind a C++ autograd
@@ -43,17 +43,19 @@ def _kernels():
 # Resolved when torch.compile traces (like _backend.resolve): the kernel module's import stays out of the graph.
 @torch.compiler.assume_constant_result
 def _within_triton_limit(backend: str, requested: str | None, device_type: str, K: int, D: int, Dv: int) -> str:
-    """Triton holds at most ``MAX_SLOTS`` slots and ``MAX_DIM`` features per program; above, name the fallback."""
+    """Triton holds at most ``MAX_SLOTS`` slots and ``MAX_DIM`` features per program, and a (K, D) tile of at
+    most ``MAX_SLOT_TILE`` elements; above, name the fallback."""
     if backend != "triton":
         return backend
     kernels = _kernels()
-    if K <= kernels.MAX_SLOTS and D <= kernels.MAX_DIM and Dv <= kernels.MAX_DIM:
+    if kernels.within_limits(K, D, Dv):
         return backend
     fallback = "cpp" if device_type == "cpu" else "reference"
     if requested == "triton":
         raise ValueError(
             f"kdfast.slot_attention_core: the triton backend handles K <= {kernels.MAX_SLOTS} slots and D, Dv <= "
-            f"{kernels.MAX_DIM}, got K={K}, D={D}, Dv={Dv}; use backend={fallback!r}"
+            f"{kernels.MAX_DIM} with K x max(D, Dv) <= {kernels.MAX_SLOT_TILE} (each padded to a power of two), got "
+            f"K={K}, D={D}, Dv={Dv}; use backend={fallback!r}"
         )
     return fallback
 
@@ -227,7 +229,7 @@ def slot_attention_core(
         k: (B, N, D) keys; v: (B, N, Dv) values; same device (mixed dtypes are promoted).
         scale: logit scale, default D ** -0.5; eps: added to the attention before the weighted mean.
         return_attn: also return the masks A (else None, and the kernels never write them).
-        backend: ``auto``, ``triton`` (K <= 64, D, Dv <= 256), ``cpp`` or ``reference`` (None:
+        backend: ``auto``, ``triton`` (K <= 64, D, Dv <= 256, padded K x max(D, Dv) <= 8192), ``cpp`` or ``reference`` (None:
             ``KDFAST_BACKEND``, default ``auto``).
 
     Returns:
@@ -439,9 +441,8 @@ class _FusedIterations(torch.autograd.Function):
 
 @torch.compiler.assume_constant_result
 def _fits_fused(K: int, D: int, Dq: int, Dv: int) -> bool:
-    """Within the fused kernels' limits: the core's (MAX_SLOTS, MAX_DIM), and the slot width D."""
-    kernels = _kernels()
-    return K <= kernels.MAX_SLOTS and max(D, Dq, Dv) <= kernels.MAX_DIM
+    """Within the fused kernels' limits: the core's, for the slot width D too."""
+    return _kernels().within_limits(K, max(D, Dq), Dv)
 
 
 def _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only):
