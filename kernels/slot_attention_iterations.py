@@ -557,18 +557,25 @@ def parameter_grads(act, dact, p, hidden_normed: bool) -> dict:
         start, width = dcols[name]
         return drows[:, start:start + width]
 
+    # every bias gradient is a column sum of dact: one reduction for all of them
+    sums = drows.sum(0)
+
+    def summed(name):
+        start, width = dcols[name]
+        return sums[start:start + width]
+
     grads = {
-        "norm_slots.weight": (d("dx") * a("xhat")).sum(0), "norm_slots.bias": d("dx").sum(0),
-        "to_q.weight": d("dq").t() @ a("x"), "to_q.bias": d("dq").sum(0),
+        "norm_slots.weight": (d("dx") * a("xhat")).sum(0), "norm_slots.bias": summed("dx"),
+        "to_q.weight": d("dq").t() @ a("x"), "to_q.bias": summed("dq"),
     }
     if "gru.weight_ih" in p:
         hidden = a("x") if hidden_normed else a("slots")
         grads.update({"gru.weight_ih": d("dgi").t() @ a("u"), "gru.weight_hh": d("dgh").t() @ hidden,
-                      "gru.bias_ih": d("dgi").sum(0), "gru.bias_hh": d("dgh").sum(0)})
+                      "gru.bias_ih": summed("dgi"), "gru.bias_hh": summed("dgh")})
     if "mlp.layers.1.weight" in p:
         grads.update({
-            "mlp.layers.0.weight": (d("dy") * a("yhat")).sum(0), "mlp.layers.0.bias": d("dy").sum(0),
-            "mlp.layers.1.weight": d("da").t() @ a("y"), "mlp.layers.1.bias": d("da").sum(0),
-            "mlp.layers.3.weight": d("ds").t() @ a("a"), "mlp.layers.3.bias": d("ds").sum(0),
+            "mlp.layers.0.weight": (d("dy") * a("yhat")).sum(0), "mlp.layers.0.bias": summed("dy"),
+            "mlp.layers.1.weight": d("da").t() @ a("y"), "mlp.layers.1.bias": summed("da"),
+            "mlp.layers.3.weight": d("ds").t() @ a("a"), "mlp.layers.3.bias": summed("ds"),
         })
     return {name: grad for name, grad in grads.items() if name in p}
