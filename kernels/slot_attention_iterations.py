@@ -46,7 +46,7 @@ def dact_layout(D, Dq, Dv, Dh, gru, mlp):
     """Columns of one row of ``dact`` (gradients of each layer's output); kept in step with _dact_columns."""
     g, m = int(gru), int(mlp)
     widths = [("ds", D), ("dh", D), ("dx", D), ("dq", Dq), ("dgi", g * 3 * D), ("dgh", g * 3 * D),
-              ("da", m * Dh), ("dy", m * D)]
+              ("da", m * Dh), ("dy", m * D), ("du", g * Dv), ("dhid", g * D)]
     return _columns(widths)
 
 
@@ -93,7 +93,12 @@ def _dact_columns(D, DQ, DV, DH, HAS_GRU: tl.constexpr, HAS_MLP: tl.constexpr):
     c_dgh = c_dgi + G
     c_da = c_dgh + G
     c_dy = c_da + (DH if HAS_MLP else 0)
-    return c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy
+    c_du = c_dy + (D if HAS_MLP else 0)
+    c_dhid = c_du + DV
+    if not HAS_GRU:  # h = hidden + U: both gradients are dh's
+        c_du = c_dh
+        c_dhid = c_dh
+    return c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy, c_du, c_dhid
 
 
 # ------------------------------------------------------------------------------------- tile helpers
@@ -327,7 +332,7 @@ def _slot_attention_bwd_kernel(
     scale = tl.full([], scale, acc)
     eps = tl.full([], eps, acc)
     c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy = _act_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
-    c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy = _dact_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
+    c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy, c_du, c_dhid = _dact_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
     offs_k = tl.arange(0, BLOCK_K)
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -342,34 +347,36 @@ def _slot_attention_bwd_kernel(
             ds = _load_rows(grad_slots_ptr + b * stride_gb, stride_gk, stride_gd, K, 0, D, BLOCK_K, BLOCK_D)
             _store_rows(drow + c_ds, C2, K, 0, D, ds, BLOCK_K, BLOCK_D)
             tl.debug_barrier()
+        # through slots = h + MLP(LN(h)); every product writes its output in chunks, read back whole after a
+        # barrier: a whole-width product would hold (output columns per thread) x BLOCK_C weights in registers
         ds = _load_rows(drow + c_ds, C2, 1, K, 0, D, BLOCK_K, BLOCK_D)
-        # through slots = h + MLP(LN(h))
         if HAS_MLP:
             for o0 in range(0, DH, BLOCK_O):
                 da = _matmul_rows(drow + c_ds, C2, K, D, w3_ptr, 1, DH, o0, DH, BLOCK_K, BLOCK_O, BLOCK_C)
                 a = _load_rows(row + c_a, C, 1, K, o0, DH, BLOCK_K, BLOCK_O)
                 _store_rows(drow + c_da, C2, K, o0, DH, tl.where(a > 0, da, 0.0), BLOCK_K, BLOCK_O)
             tl.debug_barrier()
-            dy = _matmul_rows(drow + c_da, C2, K, DH, w1_ptr, 1, D, 0, D, BLOCK_K, BLOCK_D, BLOCK_C)
-            _store_rows(drow + c_dy, C2, K, 0, D, dy, BLOCK_K, BLOCK_D)
+            for o0 in range(0, D, BLOCK_O):
+                dy = _matmul_rows(drow + c_da, C2, K, DH, w1_ptr, 1, D, o0, D, BLOCK_K, BLOCK_O, BLOCK_C)
+                _store_rows(drow + c_dy, C2, K, o0, D, dy, BLOCK_K, BLOCK_O)
+            tl.debug_barrier()
+            dy = _load_rows(drow + c_dy, C2, 1, K, 0, D, BLOCK_K, BLOCK_D)
             yhat = _load_rows(row + c_yh, C, 1, K, 0, D, BLOCK_K, BLOCK_D)
             rstd_y = _load_column(row + c_rsy, C, K, BLOCK_K)
-            dh = ds + _normalise_backward(dy * _load_vector(mlp_norm_w_ptr, 0, D, BLOCK_D)[None, :], yhat, rstd_y, D)
-        else:
-            dh = ds
-        _store_rows(drow + c_dh, C2, K, 0, D, dh, BLOCK_K, BLOCK_D)
+            ds += _normalise_backward(dy * _load_vector(mlp_norm_w_ptr, 0, D, BLOCK_D)[None, :], yhat, rstd_y, D)
+        _store_rows(drow + c_dh, C2, K, 0, D, ds, BLOCK_K, BLOCK_D)
         tl.debug_barrier()
         # through h = GRUCell(U, hidden): gradients of the gates' pre-activations, then of U and hidden
         if HAS_GRU:
             for o0 in range(0, D, BLOCK_O):
-                dh_c = _load_rows(drow + c_dh, C2, 1, K, o0, D, BLOCK_K, BLOCK_O)
+                dh = _load_rows(drow + c_dh, C2, 1, K, o0, D, BLOCK_K, BLOCK_O)
                 r = _load_rows(row + c_r, C, 1, K, o0, D, BLOCK_K, BLOCK_O)
                 zg = _load_rows(row + c_z, C, 1, K, o0, D, BLOCK_K, BLOCK_O)
                 n = _load_rows(row + c_n, C, 1, K, o0, D, BLOCK_K, BLOCK_O)
                 h_n = _load_rows(row + c_hn, C, 1, K, o0, D, BLOCK_K, BLOCK_O)
                 hid = _load_rows(row + c_hid, C, 1, K, o0, D, BLOCK_K, BLOCK_O)
-                dn = dh_c * (1.0 - zg) * (1.0 - n * n)
-                dz = dh_c * (hid - n) * zg * (1.0 - zg)
+                dn = dh * (1.0 - zg) * (1.0 - n * n)
+                dz = dh * (hid - n) * zg * (1.0 - zg)
                 dr = dn * h_n * r * (1.0 - r)
                 _store_rows(drow + c_dgi, C2, K, o0, D, dr, BLOCK_K, BLOCK_O)
                 _store_rows(drow + c_dgi + D, C2, K, o0, D, dz, BLOCK_K, BLOCK_O)
@@ -378,12 +385,15 @@ def _slot_attention_bwd_kernel(
                 _store_rows(drow + c_dgh + D, C2, K, o0, D, dz, BLOCK_K, BLOCK_O)
                 _store_rows(drow + c_dgh + 2 * D, C2, K, o0, D, dn * r, BLOCK_K, BLOCK_O)
             tl.debug_barrier()
-            g = _matmul_rows(drow + c_dgi, C2, K, 3 * D, w_ih_ptr, 1, DV, 0, DV, BLOCK_K, BLOCK_DV, BLOCK_C)
-            dhid = _matmul_rows(drow + c_dgh, C2, K, 3 * D, w_hh_ptr, 1, D, 0, D, BLOCK_K, BLOCK_D, BLOCK_C)
-            dhid += dh * _load_rows(row + c_z, C, 1, K, 0, D, BLOCK_K, BLOCK_D)
-        else:  # D == DV
-            g = _load_rows(drow + c_dh, C2, 1, K, 0, DV, BLOCK_K, BLOCK_DV)
-            dhid = dh
+            for o0 in range(0, DV, BLOCK_O):
+                du = _matmul_rows(drow + c_dgi, C2, K, 3 * D, w_ih_ptr, 1, DV, o0, DV, BLOCK_K, BLOCK_O, BLOCK_C)
+                _store_rows(drow + c_du, C2, K, o0, DV, du, BLOCK_K, BLOCK_O)
+            for o0 in range(0, D, BLOCK_O):
+                dhid = _matmul_rows(drow + c_dgh, C2, K, 3 * D, w_hh_ptr, 1, D, o0, D, BLOCK_K, BLOCK_O, BLOCK_C)
+                dhid += _load_rows(drow + c_dh, C2, 1, K, o0, D, BLOCK_K, BLOCK_O) * _load_rows(row + c_z, C, 1, K, o0, D, BLOCK_K, BLOCK_O)
+                _store_rows(drow + c_dhid, C2, K, o0, D, dhid, BLOCK_K, BLOCK_O)
+            tl.debug_barrier()
+        g = _load_rows(drow + c_du, C2, 1, K, 0, DV, BLOCK_K, BLOCK_DV)
         # through U, A = core(q, k, v): recompute A tile by tile; dk, dv add up over the iterations
         q = _load_rows(row + c_q, C, 1, K, 0, DQ, BLOCK_K, BLOCK_DQ)
         u = _load_rows(row + c_u, C, 1, K, 0, DV, BLOCK_K, BLOCK_DV)
@@ -422,15 +432,18 @@ def _slot_attention_bwd_kernel(
         _store_rows(drow + c_dq, C2, K, 0, DQ, dq, BLOCK_K, BLOCK_DQ)
         tl.debug_barrier()
         # through q = to_q(x) and x = LN(slots); the hidden state's share goes to x or to the slots
-        dx = _matmul_rows(drow + c_dq, C2, K, DQ, wq_ptr, 1, D, 0, D, BLOCK_K, BLOCK_D, BLOCK_C)
-        if HIDDEN_NORMED:
-            dx += dhid
-        _store_rows(drow + c_dx, C2, K, 0, D, dx, BLOCK_K, BLOCK_D)
+        for o0 in range(0, D, BLOCK_O):
+            dx = _matmul_rows(drow + c_dq, C2, K, DQ, wq_ptr, 1, D, o0, D, BLOCK_K, BLOCK_O, BLOCK_C)
+            if HIDDEN_NORMED:
+                dx += _load_rows(drow + c_dhid, C2, 1, K, o0, D, BLOCK_K, BLOCK_O)
+            _store_rows(drow + c_dx, C2, K, o0, D, dx, BLOCK_K, BLOCK_O)
+        tl.debug_barrier()
+        dx = _load_rows(drow + c_dx, C2, 1, K, 0, D, BLOCK_K, BLOCK_D)
         xhat = _load_rows(row + c_xh, C, 1, K, 0, D, BLOCK_K, BLOCK_D)
         rstd_x = _load_column(row + c_rsx, C, K, BLOCK_K)
         ds = _normalise_backward(dx * _load_vector(norm_w_ptr, 0, D, BLOCK_D)[None, :], xhat, rstd_x, D)
         if not HIDDEN_NORMED:
-            ds += dhid
+            ds += _load_rows(drow + c_dhid, C2, 1, K, 0, D, BLOCK_K, BLOCK_D)
         if j > 0:
             _store_rows(dact_ptr + ((j - 1) * B + b) * K * C2 + c_ds, C2, K, 0, D, ds, BLOCK_K, BLOCK_D)
         else:
