@@ -398,6 +398,15 @@ def _gru_cell(
     return (1.0 - z) * n + z * h
 
 
+# The state_dict keys of one iteration's parameters (videosaur SlotAttention without to_k, to_v, norm_features),
+# in the order kdfast's compiled iteration ops take them.
+SLOT_ATTENTION_PARAMS = (
+    "norm_slots.weight", "norm_slots.bias", "to_q.weight", "to_q.bias", "gru.weight_ih", "gru.weight_hh",
+    "gru.bias_ih", "gru.bias_hh", "mlp.layers.0.weight", "mlp.layers.0.bias", "mlp.layers.1.weight",
+    "mlp.layers.1.bias", "mlp.layers.3.weight", "mlp.layers.3.bias",
+)
+
+
 def _slot_attention_step_acc(slots, k, v, params, scale, eps, gru_hidden):
     """One iteration, everything already in the accumulation dtype ``acc``."""
     acc = slots.dtype

@@ -22,9 +22,10 @@ inputs, float32 or float64 (the op upcasts half precision first), with IEEE dots
 """
 
 # No `from __future__ import annotations`: it would turn the tl.float64 annotations into strings.
-import torch
 import triton
 import triton.language as tl
+
+from kdfast.reference import SLOT_ATTENTION_PARAMS
 
 from ._launch import block_size, device_guard, empty_output, is_fp64
 from .slot_attention import MAX_DIM, MAX_SLOT_TILE, MAX_SLOTS, _softmax_over_slots, within_limits
@@ -243,7 +244,7 @@ def _slot_attention_fwd_kernel(
                         mask=valid_n[:, None] & (offs_dq[None, :] < DQ), other=0.0)
             a = _softmax_over_slots(q, k, valid_k, scale)
             inside = valid_k[:, None] & valid_n[None, :]
-            if STORE_ATTN:
+            if STORE_ATTN:  # noqa: SIM102 (a compile-time branch around a runtime one)
                 if it == n_iters - 1:
                     tl.store(attn_ptr + (b * K + offs_k[:, None]) * N + offs_n[None, :], a, mask=inside)
             w = tl.where(inside, a + eps, 0.0)
@@ -331,7 +332,7 @@ def _slot_attention_bwd_kernel(
     acc = tl.float64 if IS_FP64 else tl.float32
     scale = tl.full([], scale, acc)
     eps = tl.full([], eps, acc)
-    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy = _act_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
+    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, _, c_yh, _, c_a, c_rsx, c_norm, c_rsy = _act_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
     c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy, c_du, c_dhid = _dact_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
     offs_k = tl.arange(0, BLOCK_K)
     offs_dq = tl.arange(0, BLOCK_DQ)
@@ -415,7 +416,7 @@ def _slot_attention_bwd_kernel(
             w = tl.where(inside, a + eps, 0.0)
             dv = tl.dot(tl.trans(w), g_over_z, input_precision="ieee")
             da = (tl.dot(g, tl.trans(v), input_precision="ieee") - c[:, None]) * inv_z[:, None]
-            if HAS_GRAD_ATTN:
+            if HAS_GRAD_ATTN:  # noqa: SIM102 (a compile-time branch around a runtime one)
                 if t == 0:  # the masks are the last iteration's
                     da += tl.load(grad_attn_ptr + b * stride_gab + offs_k[:, None] * stride_gak + offs_n[None, :] * stride_gan,
                                   mask=inside, other=0.0)
@@ -453,11 +454,6 @@ def _slot_attention_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------ launchers
 
-_KERNEL_PARAMS = ("norm_slots.weight", "norm_slots.bias", "to_q.weight", "to_q.bias", "gru.weight_ih", "gru.weight_hh",
-          "gru.bias_ih", "gru.bias_hh", "mlp.layers.0.weight", "mlp.layers.0.bias", "mlp.layers.1.weight",
-          "mlp.layers.1.bias", "mlp.layers.3.weight", "mlp.layers.3.bias")
-
-
 def check_limits(K: int, D: int, Dq: int, Dv: int) -> None:
     if not within_limits(K, max(D, Dq), Dv):
         raise ValueError(
@@ -475,18 +471,15 @@ def _geometry(K, D, Dq, Dv):
     movi-c and 40 bytes in the backward (328 at movi-e), where 64-token tiles spilled 4 KB. Still to be timed.
     """
     block_k, block_d, block_dq, block_dv = block_size(K), block_size(D), block_size(Dq), block_size(Dv)
-    return dict(BLOCK_K=block_k, BLOCK_N=16, BLOCK_D=block_d, BLOCK_DQ=block_dq, BLOCK_DV=block_dv,
-                BLOCK_O=32, BLOCK_C=16, num_warps=8)
+    return {"BLOCK_K": block_k, "BLOCK_N": 16, "BLOCK_D": block_d, "BLOCK_DQ": block_dq, "BLOCK_DV": block_dv,
+            "BLOCK_O": 32, "BLOCK_C": 16, "num_warps": 8}
 
 
-def _dims(slots, k, v, p):
-    B, K, D = slots.shape
-    Dh = p["mlp.layers.1.weight"].shape[0] if "mlp.layers.1.weight" in p else 0
-    return B, K, k.shape[1], D, k.shape[2], v.shape[2], Dh
-
-
-def _pointers(p, dummy):
-    return [p.get(name, dummy) for name in _KERNEL_PARAMS]
+def widths(p):
+    """(D, Dq, Dv, Dh, has a GRU, has an MLP) of one iteration's parameters (Dh = 0 without an MLP)."""
+    gru, mlp = "gru.weight_ih" in p, "mlp.layers.1.weight" in p
+    D, Dq = p["norm_slots.weight"].shape[0], p["to_q.weight"].shape[0]
+    return D, Dq, p["gru.weight_ih"].shape[1] if gru else D, p["mlp.layers.1.weight"].shape[0] if mlp else 0, gru, mlp
 
 
 def slot_attention_forward(slots, k, v, p, n_iters: int, scale: float, eps: float, ln_eps: float,
@@ -494,26 +487,27 @@ def slot_attention_forward(slots, k, v, p, n_iters: int, scale: float, eps: floa
     """All iterations of a frame: (slots (B, K, D), attn (B, K, N) or (B, K, 0), act).
 
     slots (B, K, D), k (B, N, Dq), v (B, N, Dv): one dtype (float32 or float64), any strides. p: the
-    iteration's parameters by videosaur state_dict key, contiguous, in that dtype; no
+    iteration's parameters by videosaur state_dict key (SLOT_ATTENTION_PARAMS), contiguous, in that dtype; no
     "gru.weight_ih" means no GRU, no "mlp.layers.1.weight" no MLP. ``act`` (act_iters, B, K, C) holds the
     activations of the last ``act_iters`` iterations (1 when no backward follows, or gradients flow through
     the last iteration only; n_iters for gradients through all).
     """
-    B, K, N, D, Dq, Dv, Dh = _dims(slots, k, v, p)
+    (B, K, _), N = slots.shape, k.shape[1]
+    D, Dq, Dv, Dh, gru, mlp = widths(p)
     check_limits(K, D, Dq, Dv)
-    C = act_layout(D, Dq, Dv, Dh, "gru.weight_ih" in p, "mlp.layers.1.weight" in p)["C"][0]
+    C = act_layout(D, Dq, Dv, Dh, gru, mlp)["C"][0]
     dtype, device = slots.dtype, slots.device
     out = empty_output((B, K, D), dtype, device)
     attn = empty_output((B, K, N if return_attn else 0), dtype, device)
     act = empty_output((act_iters, B, K, C), dtype, device)
     with device_guard(slots):
         _slot_attention_fwd_kernel[(B,)](
-            slots, k, v, *_pointers(p, slots), out, attn, act,
+            slots, k, v, *(p.get(name, slots) for name in SLOT_ATTENTION_PARAMS), out, attn, act,
             B, K, N, D, Dq, Dv, Dh, C, n_iters, act_iters,
             *slots.stride(), *k.stride(), *v.stride(),
             float(scale), float(eps), float(ln_eps),
-            HAS_Q_BIAS="to_q.bias" in p, HAS_GRU="gru.weight_ih" in p, HAS_GRU_BIAS="gru.bias_ih" in p,
-            HAS_MLP="mlp.layers.1.weight" in p, HIDDEN_NORMED=hidden_normed, STORE_ATTN=return_attn,
+            HAS_Q_BIAS="to_q.bias" in p, HAS_GRU=gru, HAS_GRU_BIAS="gru.bias_ih" in p,
+            HAS_MLP=mlp, HIDDEN_NORMED=hidden_normed, STORE_ATTN=return_attn,
             IS_FP64=is_fp64(dtype), **_geometry(K, D, Dq, Dv),
         )
     return out, attn, act
@@ -527,27 +521,25 @@ def slot_attention_backward(grad_slots, grad_attn, k, v, p, act, n_iters: int, s
     grad_slots (B, K, D); grad_attn (B, K, N) or None: gradients of the forward's outputs.
     """
     act_iters, B, K, C = act.shape
-    D = grad_slots.shape[2]
-    N, Dq, Dv = k.shape[1], k.shape[2], v.shape[2]
-    Dh = p["mlp.layers.1.weight"].shape[0] if "mlp.layers.1.weight" in p else 0
-    C2 = dact_layout(D, Dq, Dv, Dh, "gru.weight_ih" in p, "mlp.layers.1.weight" in p)["C"][0]
+    N = k.shape[1]
+    D, Dq, Dv, Dh, gru, mlp = widths(p)
+    C2 = dact_layout(D, Dq, Dv, Dh, gru, mlp)["C"][0]
     dtype, device = act.dtype, act.device
     dslots = empty_output((B, K, D), dtype, device)
     dk = empty_output((B, N, Dq), dtype, device)
     dv = empty_output((B, N, Dv), dtype, device)
     dact = empty_output((act_iters, B, K, C2), dtype, device)
     has_grad_attn = grad_attn is not None
-    dummy = act
     with device_guard(act):
         _slot_attention_bwd_kernel[(B,)](
             grad_slots, grad_attn if has_grad_attn else grad_slots, k, v,
-            *(p.get(name, dummy) for name in ("norm_slots.weight", "to_q.weight", "gru.weight_ih", "gru.weight_hh",
+            *(p.get(name, act) for name in ("norm_slots.weight", "to_q.weight", "gru.weight_ih", "gru.weight_hh",
                                                "mlp.layers.0.weight", "mlp.layers.1.weight", "mlp.layers.3.weight")),
             act, dact, dslots, dk, dv,
             B, K, N, D, Dq, Dv, Dh, C, C2, n_iters, act_iters,
             *grad_slots.stride(), *(grad_attn.stride() if has_grad_attn else (0, 0, 0)), *k.stride(), *v.stride(),
             float(scale), float(eps),
-            HAS_GRU="gru.weight_ih" in p, HAS_MLP="mlp.layers.1.weight" in p, HIDDEN_NORMED=hidden_normed,
+            HAS_GRU=gru, HAS_MLP=mlp, HIDDEN_NORMED=hidden_normed,
             HAS_GRAD_ATTN=has_grad_attn, IS_FP64=is_fp64(dtype), **_geometry(K, D, Dq, Dv),
         )
     return dslots, dk, dv, dact
@@ -555,12 +547,8 @@ def slot_attention_backward(grad_slots, grad_attn, k, v, p, act, n_iters: int, s
 
 def parameter_grads(act, dact, p, hidden_normed: bool) -> dict:
     """The gradient of every parameter in ``p``: sums over the B * K rows of every kept iteration."""
-    D, Dq = p["norm_slots.weight"].shape[0], p["to_q.weight"].shape[0]
-    Dv = p["gru.weight_ih"].shape[1] if "gru.weight_ih" in p else D
-    Dh = p["mlp.layers.1.weight"].shape[0] if "mlp.layers.1.weight" in p else 0
     rows, drows = act.reshape(-1, act.shape[-1]), dact.reshape(-1, dact.shape[-1])
-    layers = ("gru.weight_ih" in p, "mlp.layers.1.weight" in p)
-    cols, dcols = act_layout(D, Dq, Dv, Dh, *layers), dact_layout(D, Dq, Dv, Dh, *layers)
+    cols, dcols = act_layout(*widths(p)), dact_layout(*widths(p))
 
     def a(name):
         start, width = cols[name]
@@ -581,11 +569,12 @@ def parameter_grads(act, dact, p, hidden_normed: bool) -> dict:
         "norm_slots.weight": (d("dx") * a("xhat")).sum(0), "norm_slots.bias": summed("dx"),
         "to_q.weight": d("dq").t() @ a("x"), "to_q.bias": summed("dq"),
     }
-    if "gru.weight_ih" in p:
+    _, _, _, _, gru, mlp = widths(p)
+    if gru:
         hidden = a("x") if hidden_normed else a("slots")
         grads.update({"gru.weight_ih": d("dgi").t() @ a("u"), "gru.weight_hh": d("dgh").t() @ hidden,
                       "gru.bias_ih": summed("dgi"), "gru.bias_hh": summed("dgh")})
-    if "mlp.layers.1.weight" in p:
+    if mlp:
         grads.update({
             "mlp.layers.0.weight": (d("dy") * a("yhat")).sum(0), "mlp.layers.0.bias": summed("dy"),
             "mlp.layers.1.weight": d("da").t() @ a("y"), "mlp.layers.1.bias": summed("da"),

@@ -89,24 +89,26 @@ def grads_of(outputs, inputs, grad_outputs):
     return torch.autograd.grad(outputs, inputs, [g.to(o.dtype) for o, g in zip(outputs, grad_outputs)])
 
 
-def compile_for_gpu(module: str, kernel: str, constexprs: dict, num_warps: int, pointer_dtype: str = "fp32",
-                    arch: int = 90) -> dict:
-    """Compile ``module.kernel`` (a Triton kernel) for an NVIDIA GPU without one, with Triton's bundled ptxas.
+def compile_for_gpu(kernels: list[tuple[str, str, dict, int]], pointer_dtype: str = "fp32", arch: int = 90) -> list[dict]:
+    """Compile Triton kernels, each ``(module, kernel name, constexprs, num_warps)``, for an NVIDIA GPU without one,
+    with Triton's bundled ptxas.
 
-    Runs in a fresh interpreter without TRITON_INTERPRET (under it the kernels are not compilable objects).
+    Runs in one fresh interpreter without TRITON_INTERPRET (under it the kernels are not compilable objects).
     Pointer arguments (``*_ptr``) point to ``pointer_dtype``, ``scale``/``eps``/``ln_eps`` are float64, every
-    other runtime argument is a 32-bit integer. A compile error raises. Returns the shared memory the launch
-    asks for ("DYNAMIC_SHARED") and, when Triton ships cuobjdump, the cubin's "REG", "STACK" and "SHARED".
+    other runtime argument is a 32-bit integer. A compile error raises. Returns, per kernel, the shared memory
+    the launch asks for ("DYNAMIC_SHARED") and, when Triton ships cuobjdump, the cubin's "REG", "STACK" and
+    "SHARED".
     """
     import json
     import subprocess
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    request = json.dumps([module, kernel, constexprs, num_warps, pointer_dtype, arch])
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, request], capture_output=True, text=True, env=env)
+    request = json.dumps([kernels, pointer_dtype, arch])
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_GPU, request], check=False, capture_output=True, text=True,
+                          env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{module}.{kernel} does not compile for sm_{arch}:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"a kernel does not compile for sm_{arch}:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -116,24 +118,28 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
-module, kernel, constexprs, num_warps, pointer_dtype, arch = json.loads(sys.argv[1])
-fn = getattr(importlib.import_module(module), kernel)
-def arg_type(name):
-    if name in constexprs:
-        return "constexpr"
-    if name.endswith("_ptr"):
-        return "*" + pointer_dtype
-    return "fp64" if name in ("scale", "eps", "ln_eps") else "i32"
-signature = {name: arg_type(name) for name in fn.arg_names}
-compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps})
-resources = {"DYNAMIC_SHARED": compiled.metadata.shared}
+kernels, pointer_dtype, arch = json.loads(sys.argv[1])
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-if os.path.exists(cuobjdump):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
-    resources.update({key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED):(\\d+)", usage)})
-print(json.dumps(resources))
+results = []
+for module, kernel, constexprs, num_warps in kernels:
+    fn = getattr(importlib.import_module(module), kernel)
+    def arg_type(name):
+        if name in constexprs:
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return "*" + pointer_dtype
+        return "fp64" if name in ("scale", "eps", "ln_eps") else "i32"
+    signature = {name: arg_type(name) for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps})
+    resources = {"DYNAMIC_SHARED": compiled.metadata.shared}
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True,
+                                   text=True).stdout
+        resources.update({key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED):(\\d+)", usage)})
+    results.append(resources)
+print(json.dumps(results))
 """

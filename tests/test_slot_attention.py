@@ -751,30 +751,37 @@ def test_fused_iterations_match_reference(device, backend, config):
 
 @pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
 def test_fused_iterations_large_logits_and_determinism(device, backend):
-    """scale x 100 saturates the softmax and the GRU's gates: finite and as the reference; two runs agree bit
-    for bit (dk and dv add up over the iterations in place, no atomics)."""
+    """scale x 100 saturates the softmax and the GRU's gates. Logits of ~100 make the problem itself
+    ill-conditioned for float32 (the float32 reference strays up to ~5e-6 from the float64 one), so, as for the
+    core, the numbers, gradients included, are checked in float64 and float32 checks finiteness; in both, two
+    runs agree bit for bit (dk and dv add up over the iterations in place, no atomics)."""
     B, K, N, D = 2, 5, 40, 16
-    p = {name: leaf(t.float()) for name, t in _iteration_params(D, D, D, 32, device=device).items()}
-    slots, k, v = (leaf(rand(B, n, D, device=device)) for n in (K, N, N))
-    runs = []
-    for _ in range(2):
-        got = ops.slot_attention(slots, k, v, p, 3, scale=100 * D**-0.5, backend=backend)
-        grads = torch.autograd.grad(got, (slots, k, v, *p.values()), (torch.ones_like(got[0]), torch.ones_like(got[1])))
-        runs.append((*got, *grads))
-    want = reference.slot_attention(*(leaf(t.detach().double()) for t in (slots, k, v)),
-                                    {n: t.detach().double() for n, t in p.items()}, 3, 100 * D**-0.5)
-    for name, g, w in zip(("slots", "masks"), runs[0], want):
-        assert torch.isfinite(g).all(), name
-        assert_close(g, w, torch.float32, f"large logits: {name}")
-    for first, second in zip(*runs):
-        assert torch.isfinite(first).all()
-        assert torch.equal(first, second)
+    scale = 100 * D**-0.5
+    params64 = _iteration_params(D, D, D, 32, device=device)
+    inputs64 = [rand(B, n, D, dtype=torch.float64, device=device) for n in (K, N, N)]
+
+    def outputs_and_grads(fn, inputs, params):
+        inputs, params = [leaf(t) for t in inputs], {n: leaf(t) for n, t in params.items()}
+        out = fn(*inputs, params, 3, scale=scale)
+        return (*out, *torch.autograd.grad(out, (*inputs, *params.values()), [torch.ones_like(o) for o in out]))
+
+    fused = lambda *args, **kwargs: ops.slot_attention(*args, **kwargs, backend=backend)
+    for dtype in (torch.float64, torch.float32):
+        inputs, params = [t.to(dtype) for t in inputs64], {n: t.to(dtype) for n, t in params64.items()}
+        first, second = (outputs_and_grads(fused, inputs, params) for _ in range(2))
+        for a, b in zip(first, second):
+            assert torch.isfinite(a).all() and torch.equal(a, b), dtype
+        if dtype == torch.float64:
+            want = outputs_and_grads(reference.slot_attention, inputs64, params64)
+            names = ("slots", "masks", "grad of slots", "grad of k", "grad of v", *(f"grad of {n}" for n in params64))
+            for name, g, w in zip(names, first, want):
+                assert_close(g, w, torch.float64, f"large logits: {name}")
 
 
 @pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
 def test_fused_iterations_opcheck(device, backend):
     kd = torch.ops.kdfast
-    names = slot_attention_module._FUSED_PARAMS
+    names = reference.SLOT_ATTENTION_PARAMS
     B, K, N, D, Dv, Dh = 2, 3, 5, 4, 6, 8
     every = _iteration_params(D, D, Dv, Dh, q_bias=True, dtype=torch.float32, device=device)
     bare = _iteration_params(D, D, D, 0, gru=False, mlp=False, dtype=torch.float32, device=device)
@@ -846,9 +853,8 @@ def test_triton_kernels_compile_for_sm90(preset):
         (fused._slot_attention_bwd_kernel, {"HAS_GRU": True, "HAS_MLP": True, "HIDDEN_NORMED": True,
                                             "HAS_GRAD_ATTN": True, "IS_FP64": False, **geometry}, fused_warps),
     ]
-    for kernel, constexprs, warps in kernels:
-        name = kernel.fn.__name__
-        module = core.__name__ if hasattr(core, name) else fused.__name__
-        resources = compile_for_gpu(module, name, constexprs, warps)
+    requests = [(core.__name__ if hasattr(core, kernel.fn.__name__) else fused.__name__, kernel.fn.__name__,
+                 constexprs, warps) for kernel, constexprs, warps in kernels]
+    for (_, name, _, warps), resources in zip(requests, compile_for_gpu(requests)):
         print(f"sm_90 {name} K={K} N={N} D={D} warps={warps}: {resources}")
         assert resources["DYNAMIC_SHARED"] <= _SM90_SHARED_LIMIT, f"{name}: {resources}"

@@ -11,6 +11,7 @@ every cache key, so a change to the ops is a cache miss.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -18,10 +19,19 @@ import torch
 _OPS = Path(__file__).resolve().parent
 
 
+def _kernels_dir() -> Path | None:
+    # kdfast.kernels lives in the repository's kernels/ (setup.py maps it); found without importing Triton
+    spec = importlib.util.find_spec("kdfast.kernels")
+    return Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+
+
 def ops_digest() -> str:
-    """A short hash of kdfast/ops/*.py: it changes whenever a custom op's schema, fake or autograd does."""
+    """A short hash of kdfast/ops/*.py and the Triton kernel modules (whose layouts some fakes read, such as the
+    fused slot attention's saved activations): it changes whenever a custom op's schema, fake or autograd does."""
     digest = hashlib.sha256()
-    for path in sorted(_OPS.glob("*.py")):
+    kernels = _kernels_dir()
+    paths = sorted(_OPS.glob("*.py")) + (sorted(kernels.glob("*.py")) if kernels else [])
+    for path in paths:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

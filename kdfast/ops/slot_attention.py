@@ -310,10 +310,7 @@ def _cpp_iterations(slots, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_o
     """The cpp backend in eager mode: every iteration in one call into C++ (the same ATen layers and fused core
     as ``_step``, without the Python between them). Returns the slots and the last attention (accumulator dtype)."""
     return torch.ops.kdfast._slot_attention_iterations_cpp(
-        slots, k, v, p["norm_slots.weight"], p["norm_slots.bias"], p["to_q.weight"], p.get("to_q.bias"),
-        p.get("gru.weight_ih"), p.get("gru.weight_hh"), p.get("gru.bias_ih"), p.get("gru.bias_hh"),
-        p.get("mlp.layers.0.weight"), p.get("mlp.layers.0.bias"), p.get("mlp.layers.1.weight"),
-        p.get("mlp.layers.1.bias"), p.get("mlp.layers.3.weight"), p.get("mlp.layers.3.bias"),
+        slots, k, v, *(p.get(name) for name in reference.SLOT_ATTENTION_PARAMS),
         n_iters, scale, eps, _LN_EPS, gru_hidden == "normed", grad_last_only,
     )
 
@@ -322,15 +319,9 @@ def _fused_kernels():
     return importlib.import_module("kdfast.kernels.slot_attention_iterations")
 
 
-# The iteration's parameters in the order of the fused op's arguments: separate optional arguments, as a list
-# argument's gradient structure trips the custom op's autograd under AOTDispatch.
-_FUSED_PARAMS = (
-    "norm_slots.weight", "norm_slots.bias", "to_q.weight", "to_q.bias", "gru.weight_ih", "gru.weight_hh",
-    "gru.bias_ih", "gru.bias_hh", "mlp.layers.0.weight", "mlp.layers.0.bias", "mlp.layers.1.weight",
-    "mlp.layers.1.bias", "mlp.layers.3.weight", "mlp.layers.3.bias",
-)
-
-
+# The fused op takes the iteration's parameters as separate optional arguments, in the order of
+# reference.SLOT_ATTENTION_PARAMS: a list argument's gradient structure trips the custom op's autograd under
+# AOTDispatch.
 @torch.library.custom_op("kdfast::_slot_attention_iterations_triton", mutates_args=())
 def _slot_attention_iterations_triton(
     slots: Tensor, k: Tensor, v: Tensor,
@@ -340,15 +331,15 @@ def _slot_attention_iterations_triton(
     n_iters: int, scale: float, eps: float, hidden_normed: bool, act_iters: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """All iterations in one Triton launch: (slots, masks, act)."""
-    p = _fused_params((norm_w, norm_b, wq, bq, w_ih, w_hh, b_ih, b_hh, mlp_norm_w, mlp_norm_b, w1, b1, w3, b3))
-    return _fused_kernels().slot_attention_forward(slots, k, v, p, n_iters, scale, eps, _LN_EPS, hidden_normed, True, act_iters)
+    return _fused_forward_kernels(slots, k, v, norm_w, norm_b, wq, bq, w_ih, w_hh, b_ih, b_hh, mlp_norm_w,
+                                  mlp_norm_b, w1, b1, w3, b3, n_iters, scale, eps, hidden_normed, act_iters)
 
 
 @_slot_attention_iterations_triton.register_fake
 def _(slots, k, v, *args):
-    *params, n_iters, scale, eps, hidden_normed, act_iters = args
+    params, act_iters = args[:-5], args[-1]
     B, K, D = slots.shape
-    C = _fused_kernels().act_layout(D, k.shape[2], v.shape[2], *_fused_layers(params))["C"][0]
+    C = _fused_kernels().act_layout(*_fused_kernels().widths(_fused_params(params)))["C"][0]
     return slots.new_empty(B, K, D), slots.new_empty(B, K, k.shape[1]), slots.new_empty(act_iters, B, K, C)
 
 
@@ -361,26 +352,33 @@ def _slot_attention_iterations_triton_backward(
     n_iters: int, scale: float, eps: float, hidden_normed: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dslots, dk, dv, dact) of the kept iterations; the parameter gradients follow from act and dact."""
-    p = _fused_params((norm_w, norm_b, wq, bq, w_ih, w_hh, b_ih, b_hh, mlp_norm_w, mlp_norm_b, w1, b1, w3, b3))
-    return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, p, act, n_iters, scale, eps, hidden_normed)
+    return _fused_backward_kernels(grad_slots, grad_attn, k, v, act, norm_w, norm_b, wq, bq, w_ih, w_hh, b_ih, b_hh,
+                                   mlp_norm_w, mlp_norm_b, w1, b1, w3, b3, n_iters, scale, eps, hidden_normed)
 
 
 @_slot_attention_iterations_triton_backward.register_fake
 def _(grad_slots, grad_attn, k, v, act, *args):
-    *params, n_iters, scale, eps, hidden_normed = args
-    C2 = _fused_kernels().dact_layout(grad_slots.shape[2], k.shape[2], v.shape[2], *_fused_layers(params))["C"][0]
+    params = args[:-4]
+    C2 = _fused_kernels().dact_layout(*_fused_kernels().widths(_fused_params(params)))["C"][0]
     return grad_slots.new_empty(grad_slots.shape), k.new_empty(k.shape), v.new_empty(v.shape), act.new_empty(*act.shape[:3], C2)
 
 
-def _fused_layers(params) -> tuple[int, bool, bool]:
-    """(MLP hidden width or 0, has a GRU, has an MLP) of a list in _FUSED_PARAMS order."""
-    p = _fused_params(params)
-    mlp = "mlp.layers.1.weight" in p
-    return (p["mlp.layers.1.weight"].shape[0] if mlp else 0), "gru.weight_ih" in p, mlp
-
-
 def _fused_params(params) -> dict[str, Tensor]:
-    return {name: t for name, t in zip(_FUSED_PARAMS, params) if t is not None}
+    return {name: t for name, t in zip(reference.SLOT_ATTENTION_PARAMS, params) if t is not None}
+
+
+def _fused_forward_kernels(slots, k, v, *args):
+    """The fused op's forward (the same arguments) called on the kernels directly."""
+    *params, n_iters, scale, eps, hidden_normed, act_iters = args
+    return _fused_kernels().slot_attention_forward(slots, k, v, _fused_params(params), n_iters, scale, eps, _LN_EPS,
+                                                   hidden_normed, True, act_iters)
+
+
+def _fused_backward_kernels(grad_slots, grad_attn, k, v, act, *args):
+    """The fused backward op (the same arguments) called on the kernels directly."""
+    *params, n_iters, scale, eps, hidden_normed = args
+    return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, _fused_params(params), act,
+                                                    n_iters, scale, eps, hidden_normed)
 
 
 def _fused_setup(ctx, k, v, act, params, n_iters, scale, eps, hidden_normed, act_iters):
@@ -390,21 +388,21 @@ def _fused_setup(ctx, k, v, act, params, n_iters, scale, eps, hidden_normed, act
 
 
 def _fused_grads(ctx, grad_slots, grad_attn, backward):
-    """(grad of the initial slots or None, dk, dv, [grad of each parameter or None]) from ``backward``."""
+    """(grad of the initial slots or None, dk, dv, [grad of each parameter or None]) from ``backward`` (the
+    backward op or the kernels)."""
     k, v, act, *params = ctx.saved_tensors
     if grad_slots is None:
         grad_slots = act.new_zeros(act.shape[1], act.shape[2], params[0].shape[0])
     dslots, dk, dv, dact = backward(grad_slots, grad_attn, k, v, act, *params, ctx.n_iters, ctx.scale, ctx.eps,
                                     ctx.hidden_normed)
     grads = _fused_kernels().parameter_grads(act, dact, _fused_params(params), ctx.hidden_normed)
-    names = _FUSED_PARAMS
     # Only gradients through every iteration reach the initial slots (grad_last_only keeps the last one).
     return (dslots if ctx.act_iters == ctx.n_iters else None), dk, dv, [
-        None if t is None else grads[name] for name, t in zip(names, params)]
+        None if t is None else grads[name] for name, t in zip(reference.SLOT_ATTENTION_PARAMS, params)]
 
 
 def _fused_setup_context(ctx, inputs, output):
-    slots, k, v, *params, n_iters, scale, eps, hidden_normed, act_iters = inputs
+    _, k, v, *params, n_iters, scale, eps, hidden_normed, act_iters = inputs
     _fused_setup(ctx, k, v, output[2], params, n_iters, scale, eps, hidden_normed, act_iters)
 
 
@@ -421,8 +419,7 @@ class _FusedIterations(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, slots, k, v, n_iters, scale, eps, hidden_normed, act_iters, *params):
-        out, attn, act = _fused_kernels().slot_attention_forward(
-            slots, k, v, _fused_params(params), n_iters, scale, eps, _LN_EPS, hidden_normed, True, act_iters)
+        out, attn, act = _fused_forward_kernels(slots, k, v, *params, n_iters, scale, eps, hidden_normed, act_iters)
         _fused_setup(ctx, k, v, act, params, n_iters, scale, eps, hidden_normed, act_iters)
         ctx.set_materialize_grads(False)
         return out, attn, act
@@ -430,12 +427,7 @@ class _FusedIterations(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_slots, grad_attn, grad_act):
-        def kernels(grad_slots, grad_attn, k, v, act, *args):
-            *params, n_iters, scale, eps, hidden_normed = args
-            return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, _fused_params(params), act,
-                                                            n_iters, scale, eps, hidden_normed)
-
-        dslots, dk, dv, dparams = _fused_grads(ctx, grad_slots, grad_attn, kernels)
+        dslots, dk, dv, dparams = _fused_grads(ctx, grad_slots, grad_attn, _fused_backward_kernels)
         return dslots, dk, dv, None, None, None, None, None, *dparams
 
 
@@ -447,7 +439,7 @@ def _fits_fused(K: int, D: int, Dq: int, Dv: int) -> bool:
 
 def _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only):
     """Every iteration in one Triton launch each way. Returns the slots and the last masks."""
-    params = [p[name].contiguous() if name in p else None for name in _FUSED_PARAMS]
+    params = [p[name].contiguous() if name in p else None for name in reference.SLOT_ATTENTION_PARAMS]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (s, k, v, *p.values()))
     act_iters = n_iters if needs_grad and not grad_last_only else 1
     args = (n_iters, scale, eps, gru_hidden == "normed", act_iters)
@@ -493,8 +485,8 @@ def slot_attention(
             ``n_iters - 1`` run without autograd; the slots entering the last are detached).
         backend: the core's backend, as in :func:`slot_attention_core`.
         fused: on the triton backend, run all iterations in one persistent kernel per batch element (and one
-            for the backward; K <= 64, every width <= 256); False runs the loop (the core kernels between
-            torch layers). Other backends ignore it.
+            for the backward) where the core's Triton limits hold for the slot width D too; False runs the loop
+            (the core kernels between torch layers). Other backends ignore it.
 
     Returns:
         ``(slots, masks)``: (B, K, D) and the last iteration's attention (B, K, N), in the slots' dtype

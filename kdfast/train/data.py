@@ -79,7 +79,27 @@ def _bounce(start: Tensor, velocity: Tensor, t: Tensor, lo: Tensor, hi: Tensor) 
     return lo + torch.where(p > span, 2 * span - p, p)
 
 
-class MovingShapes(torch.utils.data.Dataset):
+class _Generated(torch.utils.data.Dataset):
+    """A dataset of ``num_samples`` samples drawn from (seed, split, index) by ``_generate``, kept in its 8-bit
+    form after first use when ``cache`` is set; ``_sample`` turns that form into the returned dict."""
+
+    num_samples: int
+    cache: bool
+    _cache: dict
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"{type(self).__name__} index {index} out of range [0, {self.num_samples})")
+        stored = self._cache.get(index) or self._generate(index)
+        if self.cache:
+            self._cache[index] = stored
+        return self._sample(*stored)
+
+
+class MovingShapes(_Generated):
     """Synthetic multi-object video with ground-truth instance masks (see the module docstring).
 
     Args:
@@ -98,15 +118,7 @@ class MovingShapes(torch.utils.data.Dataset):
         self.seed, self.split, self.cache = seed, split, cache
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"MovingShapes index {index} out of range [0, {self.num_samples})")
-        video, masks = self._cache.get(index) or self._generate(index)
-        if self.cache:
-            self._cache[index] = (video, masks)
+    def _sample(self, video: Tensor, masks: Tensor) -> dict[str, Tensor]:
         return {"video": video.float() / 255.0, "masks": masks.long()}
 
     def _generate(self, index: int) -> tuple[Tensor, Tensor]:
@@ -138,7 +150,7 @@ class MovingShapes(torch.utils.data.Dataset):
         return ((video + noise).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8), masks.to(torch.uint8)
 
 
-class Shapes(torch.utils.data.Dataset):
+class Shapes(_Generated):
     """Synthetic classification images: which of ``SHAPE_CLASSES`` is drawn (see the module docstring)."""
 
     num_classes = len(SHAPE_CLASSES)
@@ -152,15 +164,7 @@ class Shapes(torch.utils.data.Dataset):
         self.noise, self.radius = noise, radius
         self._cache: dict[int, tuple[Tensor, int]] = {}
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"Shapes index {index} out of range [0, {self.num_samples})")
-        image, label = self._cache.get(index) or self._generate(index)
-        if self.cache:
-            self._cache[index] = (image, label)
+    def _sample(self, image: Tensor, label: int) -> dict[str, Tensor]:
         return {"image": image.float() / 255.0, "label": torch.tensor(label)}
 
     def _generate(self, index: int) -> tuple[Tensor, int]:
