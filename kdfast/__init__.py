@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 def info() -> dict[str, str]:
     """Backends and versions of this install: each backend maps to "available" or the reason it is not."""
+    import importlib
+
     import torch
 
     from kdfast import _backend
@@ -18,13 +20,18 @@ def info() -> dict[str, str]:
     triton = _backend.triton_error()
     extension = _backend.extension_error()
     has_cuda = torch.cuda.is_available()
+    if triton is None and not has_cuda:
+        if _backend.triton_interpreting():
+            triton = _backend.interpreter_error() or "interpreter only (TRITON_INTERPRET=1)"
+        else:
+            triton = "no CUDA device; set TRITON_INTERPRET=1 to run the kernels on CPU"
     return {
         "kdfast": __version__,
         "torch": torch.__version__,
+        "triton version": "none" if _backend.triton_error() else importlib.import_module("triton").__version__,
         "devices": "cpu" + (f", cuda ({torch.cuda.get_device_name()})" if has_cuda else ""),
         "reference": "available",
         "cpp": extension or "available",
         "cuda": extension or ("available" if has_cuda else "no CUDA device"),
-        "triton": triton
-        or ("available" if has_cuda else "interpreter only (TRITON_INTERPRET=1)" if _backend.triton_interpreting() else "no CUDA device; set TRITON_INTERPRET=1 to run the kernels on CPU"),
+        "triton": triton or "available",
     }

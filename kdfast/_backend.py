@@ -61,6 +61,28 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+@functools.cache
+def interpreter_error() -> str | None:
+    """Why Triton's interpreter cannot run kdfast's kernels here, or None when it can.
+
+    Triton 3.6's interpreter turns a loop bound loaded from memory (``for j0 in range(0, n, ...)``) into a Python
+    int through a one-element array, which numpy 2.4 no longer allows: every such kernel would fail with a
+    TypeError from inside Triton. Triton 3.8 runs them (3.7 is untested, so it is held to the same rule).
+    """
+    import numpy
+    import triton
+
+    if _release(triton.__version__) < (3, 8) and _release(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) does not run with numpy "
+                f"{numpy.__version__}: install numpy<2.4 (pip install 'numpy<2.4') or Triton >= 3.8")
+    return None
+
+
 def _has_compiled_kernel(kernel: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     try:
@@ -80,8 +102,10 @@ def unavailable_reason(backend: str, kernel: str, device_type: str, implemented:
     if backend == "triton":
         if triton_error() is not None:
             return triton_error()
-        if device_type == "cuda" or (device_type == "cpu" and triton_interpreting()):
+        if device_type == "cuda":
             return None
+        if device_type == "cpu" and triton_interpreting():
+            return interpreter_error()
         return f"Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for {device_type} tensors"
     wanted = {"cpp": "cpu", "cuda": "cuda"}[backend]
     if device_type != wanted:

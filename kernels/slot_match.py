@@ -65,8 +65,9 @@ def _slot_gram_and_sq_norms(
             b_ptr + offs_d[:, None] * stride_bd + offs_m[None, :] * stride_bm,
             mask=mask_d[:, None] & mask_m[None, :], other=0.0,
         ).to(dots.dtype)
-        # ieee: tf32 would cost ~1e-3 relative error; fp16/bf16 inputs were widened to fp32 above
-        dots = tl.dot(a, b_t, dots, input_precision="ieee")
+        # ieee: tf32 would cost ~1e-3 relative error; fp16/bf16 inputs were widened to fp32 above. out_dtype is
+        # the accumulator's: Triton < 3.7 defaults it to float32 and refuses a float64 accumulator with that default.
+        dots = tl.dot(a, b_t, dots, input_precision="ieee", out_dtype=dots.dtype)
         sq_a += tl.sum(a * a, axis=1)
         sq_b += tl.sum(b_t * b_t, axis=0)
     return dots, sq_a, sq_b

@@ -110,3 +110,32 @@ def test_compile_caches_are_keyed_by_the_op_sources():
     assert len(digest) == 16 and f"kdfast-ops-{digest}" in config.cache_key_tag
     _compile_cache.tag_compile_caches()  # idempotent: the tag is not appended twice
     assert config.cache_key_tag.count("kdfast-ops-") == 1
+
+
+@pytest.mark.parametrize(("triton_version", "numpy_version", "runs"), [
+    ("3.6.0", "2.4.1", False), ("3.7.1", "2.5.0", False), ("3.6.0", "2.3.5", True), ("3.8.0", "2.4.1", True),
+    ("3.10.0", "2.5.0", True),
+])
+def test_interpreter_refuses_numpy_it_cannot_run_with_a_one_line_reason(monkeypatch, triton_version, numpy_version,
+                                                                         runs):
+    """Triton 3.6's interpreter fails inside kernels that loop to a loaded bound under numpy >= 2.4: the triton
+    backend on CPU tensors says so, naming both versions and the fix, instead of a TypeError from a kernel."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backend.interpreter_error.cache_clear()
+    try:
+        if runs:
+            assert _backend.interpreter_error() is None
+            assert resolve_match_loss("triton") == "triton"
+            return
+        reason = _backend.interpreter_error()
+        assert "\n" not in reason and triton_version in reason and numpy_version in reason
+        assert "numpy<2.4" in reason and "Triton >= 3.8" in reason
+        with pytest.raises(ValueError, match=r"backend='triton' cannot run here: Triton .*'s interpreter"):
+            resolve_match_loss("triton")
+    finally:
+        _backend.interpreter_error.cache_clear()
