@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdfast.train import TrainConfig, TrainingInterrupted, checkpoint, data, fit, load_model
-from kdfast.train.loop import amp_dtype
+from kdfast.train.loop import NonFiniteLoss, amp_dtype
 
 STEPS = 12
 
@@ -108,6 +108,32 @@ def test_resume_from_a_periodic_checkpoint_after_a_crash(tmp_path):
     assert fit(again, _batches(), _config(), tmp_path / "crashed", resume=True).losses == []
     _assert_same_state(again, resumed_task)
     assert load_model(_Task(), tmp_path / "crashed" / "checkpoint.pt") == STEPS
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(tmp_path):
+    batches = _batches()
+
+    def nan_from_step_6(step, rank, world):
+        batch = batches(step, rank, world)
+        if step >= 6:  # the batch of step 7 (steps count from 1) holds a NaN
+            batch["x"][0, 0] = float("nan")
+        return batch
+
+    with pytest.raises(NonFiniteLoss, match=r"train: non-finite loss at step 7 \(loss=nan.*grad_norm=nan\); training "
+                                            r"stopped, the last finite checkpoint is .*checkpoint.pt \(step 4\)"):
+        _run(tmp_path, nan_from_step_6, checkpoint_every=4, log_every=5)
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert [line["step"] for line in _lines(tmp_path)] == list(range(1, 7))  # the finite steps only
+
+
+def test_a_diverging_learning_rate_stops_at_the_first_non_finite_step(tmp_path):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step \d+ .*no checkpoint was written"):
+        _run(tmp_path, lr=1e30, grad_clip=None, warmup_steps=0, checkpoint_every=0)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    lines = _lines(tmp_path)
+    assert all(torch.isfinite(torch.tensor([line["loss"], line["grad_norm"]])).all() for line in lines)
 
 
 def test_metrics_lines_and_learning_rate_schedule(tmp_path):

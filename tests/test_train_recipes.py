@@ -149,3 +149,34 @@ def test_python_m_kdfast_runs_the_command():
     command = [sys.executable, "-m", "kdfast", "train", "nope"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "unknown recipe 'nope'" in done.stderr
+
+
+def test_bad_data_is_rejected_when_loaded_naming_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.random((6, 3, 32, 32), dtype=np.float32)
+    images[4, 1, 2, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", x=images, y=np.arange(6) % 2)
+    with pytest.raises(ValueError, match=r"nan.npz:x holds non-finite values \(1 of 18432\), the first nan at index "
+                                         r"\[4, 1, 2, 3\]"):
+        data.open_image_data(tmp_path / "nan.npz")
+    features = torch.randn(2, 4, 16, 8)
+    features[1, 2, 3, 4] = float("inf")
+    torch.save({"features": features}, tmp_path / "inf.pt")
+    with pytest.raises(ValueError, match=r"inf.pt:features holds non-finite .* first inf at index \[1, 2, 3, 4\]"):
+        data.open_video_data(tmp_path / "inf.pt")
+    torch.save({"features": torch.randn(2, 4, 16, 8), "masks": torch.zeros(2, 3, 8, 8, dtype=torch.long)},
+               tmp_path / "masks.pt")
+    with pytest.raises(ValueError, match=r"masks.pt'?: masks must be integer \(V, T, H, W\) with the features' V, T"):
+        data.open_video_data(tmp_path / "masks.pt")
+    np.savez(tmp_path / "labels.npz", x=images[:4] * 0, y=np.array([0, 1, -1, 2]))
+    with pytest.raises(ValueError, match=r"labels.npz:y holds a negative class label \(-1\) at index 2"):
+        data.open_image_data(tmp_path / "labels.npz")
+    for name in ("garbled.npz", "garbled.npy", "garbled.pt"):
+        (tmp_path / name).write_bytes(b"\x93NUMPY garbage" * 3)
+        with pytest.raises(ValueError, match=rf"--data: cannot read '.*{name}' as an? (torch|\.np[yz]) file \(\w+"):
+            (data.open_image_data if name.endswith("z") else data.open_video_data)(tmp_path / name)
+
+
+def test_npz_images_are_resized_to_the_recipe_size(tmp_path):
+    np.savez(tmp_path / "big.npz", x=np.zeros((3, 48, 48, 3), dtype=np.uint8), y=np.arange(3))
+    assert data.open_image_data(tmp_path / "big.npz", size=32)[0]["image"].shape == (3, 32, 32)

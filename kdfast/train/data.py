@@ -215,6 +215,18 @@ def split(dataset: TensorDataset, held_out: float = 0.1, seed: int = 0) -> tuple
 # Real data
 
 
+def check_finite(tensor: Tensor, where: str) -> Tensor:
+    """``tensor`` unchanged, or a ValueError naming ``where`` and the first NaN/Inf: a model trained on it would
+    only diverge later, far from the cause."""
+    if tensor.is_floating_point():
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            index = tuple(int(i) for i in np.unravel_index(int(bad.flatten().nonzero()[0]), tuple(tensor.shape)))
+            raise ValueError(f"--data: {where} holds non-finite values ({int(bad.sum())} of {tensor.numel()}), the "
+                             f"first {tensor[index].item()} at index {list(index)} of shape {list(tensor.shape)}")
+    return tensor
+
+
 def _existing(path: str | Path, what: str) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
@@ -222,34 +234,73 @@ def _existing(path: str | Path, what: str) -> Path:
     return path
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160] if lines else ''}"
+
+
 def _read_image(path: Path, size: int | None, mode: str = "RGB") -> np.ndarray:
     try:
         from PIL import Image
     except ImportError as exc:
         raise ImportError(f"reading image files ({path}) needs Pillow: pip install pillow") from exc
-    with Image.open(path) as image:
-        image = image.convert(mode)
-        if size is not None and image.size != (size, size):
-            image = image.resize((size, size), Image.NEAREST if mode != "RGB" else Image.BILINEAR)
-        return np.asarray(image)
+    try:
+        with Image.open(path) as image:
+            image = image.convert(mode)
+            if size is not None and image.size != (size, size):
+                image = image.resize((size, size), Image.NEAREST if mode != "RGB" else Image.BILINEAR)
+            return np.asarray(image)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for truncated or foreign files
+        raise ValueError(f"--data: cannot read the image {str(path)!r} ({_first_line(exc)})") from exc
+
+
+def _read_arrays(path: Path) -> dict:
+    """The arrays of a .npz, .npy or .pt file, read eagerly; a ValueError naming the file for any unreadable one."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                return {k: arrays[k] for k in arrays.files}
+        if path.suffix == ".npy":
+            return {"features": np.load(path, allow_pickle=False)}
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, garbled or pickled files are all the same user error
+        kind = "a torch" if path.suffix == ".pt" else f"an {path.suffix}"
+        raise ValueError(f"--data: cannot read {str(path)!r} as {kind} file ({_first_line(exc)})") from exc
+    return content if isinstance(content, dict) else {"features": content}
 
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _to_chw_float(images: np.ndarray, what: str) -> Tensor:
-    """(N, H, W, 3) or (N, 3, H, W) uint8 or float -> (N, 3, H, W) float32 in [0, 1]."""
+def _to_chw_float(images, what: str, size: int | None = None) -> Tensor:
+    """(N, H, W, 3) or (N, 3, H, W) uint8 or float -> (N, 3, H, W) float32 in [0, 1], resized to size x size."""
     x = torch.as_tensor(images)
     if x.dim() != 4 or 3 not in (x.shape[1], x.shape[-1]):
-        raise ValueError(f"{what} must be (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"--data: {what} must be images (N, H, W, 3) or (N, 3, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != 3:
         x = x.permute(0, 3, 1, 2)
-    return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).contiguous()
+    x = check_finite(x.float() / 255.0 if x.dtype == torch.uint8 else x.float(), what).contiguous()
+    if size is not None and x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+def _labels(values, what: str, count: int) -> Tensor:
+    labels = torch.as_tensor(values)
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.numel() != count:
+        raise ValueError(f"--data: {what} must be {count} integer class labels (one per image), got "
+                         f"{labels.dtype} of shape {tuple(labels.shape)}")
+    labels = labels.reshape(-1).long()
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(f"--data: {what} holds a negative class label ({int(labels.min())}) at index "
+                         f"{int(labels.argmin())}; labels are 0 .. classes - 1")
+    return labels
 
 
 def open_image_data(path: str | Path, size: int = 32) -> TensorDataset:
-    """Real classification data: an ImageFolder-style directory or a CIFAR-style ``.npz`` (module docstring)."""
+    """Real classification data: an ImageFolder-style directory or a CIFAR-style ``.npz`` (module docstring), the
+    images resized to ``size`` x ``size``."""
     path = _existing(path, "image data")
     if path.is_dir():
         classes = sorted(p for p in path.iterdir() if p.is_dir())
@@ -260,13 +311,13 @@ def open_image_data(path: str | Path, size: int = 32) -> TensorDataset:
         return TensorDataset(image=_to_chw_float(images, str(path)), label=torch.tensor([label for _, label in files]))
     if path.suffix != ".npz":
         raise ValueError(f"--data: expected an image directory or a .npz file, got {str(path)!r}")
-    with np.load(path) as arrays:
-        x_key = next((k for k in ("x", "images", "data") if k in arrays), None)
-        y_key = next((k for k in ("y", "labels") if k in arrays), None)
-        if x_key is None or y_key is None:
-            raise ValueError(f"--data: {str(path)!r} needs arrays x/images/data and y/labels, has {list(arrays)}")
-        images, labels = _to_chw_float(arrays[x_key], f"{path}:{x_key}"), torch.as_tensor(arrays[y_key]).long()
-    return TensorDataset(image=images, label=labels.reshape(-1))
+    arrays = _read_arrays(path)
+    x_key = next((k for k in ("x", "images", "data") if k in arrays), None)
+    y_key = next((k for k in ("y", "labels") if k in arrays), None)
+    if x_key is None or y_key is None:
+        raise ValueError(f"--data: {str(path)!r} needs arrays x/images/data and y/labels, has {list(arrays)}")
+    images = _to_chw_float(arrays[x_key], f"{path}:{x_key}", size)
+    return TensorDataset(image=images, label=_labels(arrays[y_key], f"{path}:{y_key}", len(images)))
 
 
 def _clips(array: Tensor, num_frames: int) -> Tensor:
@@ -278,6 +329,50 @@ def _clips(array: Tensor, num_frames: int) -> Tensor:
     return array.reshape(array.shape[0] * per_video, num_frames, *array.shape[2:])
 
 
+def _frame_folders(path: Path, size: int) -> dict[str, Tensor]:
+    videos = sorted(p for p in path.iterdir() if p.is_dir())
+    if not videos:
+        raise ValueError(f"--data: {str(path)!r} has no <video>/<frame> sub-folders")
+    with_masks = [v for v in videos if (v / "masks").is_dir()]
+    if with_masks and len(with_masks) != len(videos):
+        missing = next(v for v in videos if v not in with_masks)
+        raise ValueError(f"--data: {str(missing / 'masks')!r} is missing (other videos have masks: all or none)")
+    frames, masks = [], []
+    for video in videos:
+        files = _images_in(video)
+        if not files:
+            raise ValueError(f"--data: {str(video)!r} holds no frame images ({', '.join(IMAGE_SUFFIXES)})")
+        frames.append(np.stack([_read_image(f, size) for f in files]))
+        if with_masks:
+            absent = next((f.name for f in files if not (video / "masks" / f.name).is_file()), None)
+            if absent is not None:
+                raise ValueError(f"--data: no mask {str(video / 'masks' / absent)!r} for the frame of that name")
+            masks.append(np.stack([_read_image(video / "masks" / f.name, size, "L") for f in files]))
+    length = min(len(f) for f in frames)
+    tensors = {"video": torch.stack([_to_chw_float(f[:length], str(path)) for f in frames])}
+    if masks:
+        tensors["masks"] = torch.stack([torch.as_tensor(m[:length]).long() for m in masks])
+    return tensors
+
+
+def _feature_file(path: Path) -> dict[str, Tensor]:
+    content = _read_arrays(path)
+    if "features" not in content:
+        raise ValueError(f"--data: {str(path)!r} has no 'features' entry (has {list(content)})")
+    features = torch.as_tensor(content["features"])
+    if features.dim() != 4 or not (features.is_floating_point() or features.dtype == torch.uint8):
+        raise ValueError(f"--data: {str(path)!r}: features must be a float array (V, T, N, C), got "
+                         f"{features.dtype} of shape {tuple(features.shape)}")
+    tensors = {"features": check_finite(features.float(), f"{path}:features")}
+    if "masks" in content:
+        masks = torch.as_tensor(content["masks"])
+        if masks.dim() != 4 or masks.shape[:2] != features.shape[:2] or masks.is_floating_point():
+            raise ValueError(f"--data: {str(path)!r}: masks must be integer (V, T, H, W) with the features' V, T = "
+                             f"{tuple(features.shape[:2])}, got {masks.dtype} of shape {tuple(masks.shape)}")
+        tensors["masks"] = masks.long()
+    return tensors
+
+
 def open_video_data(path: str | Path, num_frames: int = 4, size: int = 32) -> TensorDataset:
     """Real video: a folder of frame folders (optional masks/), or features in .npy/.pt (module docstring).
 
@@ -285,38 +380,11 @@ def open_video_data(path: str | Path, num_frames: int = 4, size: int = 32) -> Te
     """
     path = _existing(path, "video data")
     if path.is_dir():
-        videos = sorted(p for p in path.iterdir() if p.is_dir())
-        if not videos:
-            raise ValueError(f"--data: {str(path)!r} has no <video>/<frame> sub-folders")
-        frames, masks = [], []
-        for video in videos:
-            files = _images_in(video)
-            frames.append(np.stack([_read_image(f, size) for f in files]))
-            if (video / "masks").is_dir():
-                masks.append(np.stack([_read_image(video / "masks" / f.name, size, "L") for f in files]))
-        length = min(len(f) for f in frames)
-        tensors = {"video": torch.stack([_to_chw_float(f[:length], str(path)) for f in frames])}
-        if len(masks) == len(frames):
-            tensors["masks"] = torch.stack([torch.as_tensor(m[:length]).long() for m in masks])
-        return TensorDataset(**{k: _clips(t, num_frames) for k, t in tensors.items()})
-    if path.suffix == ".npy":
-        content = {"features": np.load(path)}
-    elif path.suffix == ".pt":
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # any unreadable file is the same user error
-            raise ValueError(f"--data: cannot read {str(path)!r} as a torch file: {exc}") from exc
-        content = content if isinstance(content, dict) else {"features": content}
+        tensors = _frame_folders(path, size)
+    elif path.suffix in (".npy", ".pt"):
+        tensors = _feature_file(path)
     else:
         raise ValueError(f"--data: expected a frame directory, .npy or .pt, got {str(path)!r}")
-    if "features" not in content:
-        raise ValueError(f"--data: {str(path)!r} has no 'features' entry (has {list(content)})")
-    features = torch.as_tensor(content["features"]).float()
-    if features.dim() != 4:
-        raise ValueError(f"--data: features must be (V, T, N, C), got shape {tuple(features.shape)}")
-    tensors = {"features": features}
-    if "masks" in content:
-        tensors["masks"] = torch.as_tensor(content["masks"]).long()
     return TensorDataset(**{k: _clips(t, num_frames) for k, t in tensors.items()})
 
 

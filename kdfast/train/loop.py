@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +86,17 @@ class Result:
     world: int = 1
 
 
+class NonFiniteLoss(RuntimeError):
+    """Raised at the first step whose loss, a logged loss term or the gradient norm is not finite: training stops
+    there and no checkpoint of the diverged model is written, so ``<out>/checkpoint.pt`` stays the last finite one."""
+
+    def __init__(self, description: str, step: int, terms: dict[str, float], path: Path | None, saved_step: int):
+        bad = ", ".join(f"{k}={v}" for k, v in terms.items())
+        kept = f"the last finite checkpoint is {path} (step {saved_step})" if path else "no checkpoint was written"
+        super().__init__(f"{description}: non-finite loss at step {step} ({bad}); training stopped, {kept}")
+        self.step, self.terms, self.path = step, terms, path
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Raised after Ctrl-C (or SIGTERM) once the checkpoint of the last finished step is written."""
 
@@ -133,8 +145,10 @@ class _StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
-              "(Ctrl-C again to abort without one)", flush=True)
+        if signum == signal.SIGINT:  # someone at a terminal: say that the step is being finished (a scheduler's
+            # SIGTERM gets only the final line)
+            print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort without one)",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self):
         if self.enabled:
@@ -186,6 +200,7 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
 
     Raises:
         TrainingInterrupted: after Ctrl-C or SIGTERM, once the checkpoint is written.
+        NonFiniteLoss: at the first step with a non-finite loss term or gradient norm (no checkpoint of it).
     """
     context = distributed.setup(config.device)
     device = distributed.device_for(config.device, context)
@@ -230,46 +245,54 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
                                config=asdict(config), world=context.world)
 
     result = Result(first_step=start, step=start, device=str(device), world=context.world)
+    # Under fp16 the gradient scaler skips steps whose gradients overflow: an infinite norm there is expected.
+    guard = _Guard(config.description, check_grad_norm=not scaler.is_enabled())
+    guard.saved = (ckpt_path, start) if start else (None, 0)
     progress = _progress(config, start, context)
     pending: list[tuple[int, list[str], torch.Tensor, float]] = []
     started = time.perf_counter()
     timed_from, timed_items = None, 0
     with _StopOnSignal(enabled=True) as stop:
-        for step in range(start, config.steps):
-            batch = _to(batches(step, context.rank, context.world), device)
-            items = _batch_size(batch) * context.world * config.items_per_sample
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                outputs = model(batch)
-            loss = outputs["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
-            lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            keys = [k for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
-            values = torch.stack([outputs[k].detach().double().reshape(()) for k in keys])
-            # One all-reduce for all the logged scalars (the grad norm is already global after DDP's averaging).
-            values = torch.cat([distributed.mean(values, context), grad_norm.detach().double().reshape(1)])
-            pending.append((step + 1, [*keys, "grad_norm"], values, lr))
-            result.step = step + 1
-            if timed_from is None:
-                timed_from = time.perf_counter()
-            else:
-                timed_items += items
-            stopping = _agree(stop.requested, context, device)
-            if result.step % config.log_every == 0 or result.step == config.steps or stopping:
-                _flush(pending, result, log, progress, timed_from, timed_items)
-            if stopping or (config.checkpoint_every and result.step % config.checkpoint_every == 0):
-                result.checkpoint = save(result.step) or result.checkpoint
-            if stopping:
-                progress.close()
-                distributed.barrier(context)
-                raise TrainingInterrupted(result.step, result.checkpoint)
-        _flush(pending, result, log, progress, timed_from, timed_items)
-        progress.close()
+        try:
+            for step in range(start, config.steps):
+                batch = _to(batches(step, context.rank, context.world), device)
+                items = _batch_size(batch) * context.world * config.items_per_sample
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    outputs = model(batch)
+                loss = outputs["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+                lr = optimizer.param_groups[0]["lr"]
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                keys = [k for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
+                values = torch.stack([outputs[k].detach().double().reshape(()) for k in keys])
+                # One all-reduce for all the logged scalars (the grad norm is already global after DDP's averaging).
+                values = torch.cat([distributed.mean(values, context), grad_norm.detach().double().reshape(1)])
+                pending.append((step + 1, [*keys, "grad_norm"], values, lr))
+                result.step = step + 1
+                if timed_from is None:
+                    timed_from = time.perf_counter()
+                else:
+                    timed_items += items
+                stopping = _agree(stop.requested, context, device)
+                checkpoint_due = stopping or (config.checkpoint_every and result.step % config.checkpoint_every == 0)
+                # The guard sees every step before a checkpoint is written: no checkpoint holds a diverged model.
+                if result.step % config.log_every == 0 or result.step == config.steps or checkpoint_due:
+                    _flush(pending, result, log, progress, timed_from, timed_items, guard)
+                if checkpoint_due:
+                    result.checkpoint = save(result.step) or result.checkpoint
+                    guard.saved = (result.checkpoint, result.step)
+                if stopping:
+                    progress.close()
+                    distributed.barrier(context)
+                    raise TrainingInterrupted(result.step, result.checkpoint)
+            _flush(pending, result, log, progress, timed_from, timed_items, guard)
+        finally:
+            progress.close()
     result.seconds = time.perf_counter() - started
     if timed_items:
         result.items_per_s = timed_items / (time.perf_counter() - timed_from)
@@ -299,8 +322,23 @@ def _progress(config: TrainConfig, start: int, context: distributed.Context):
                 disable=not (config.progress and context.is_main), leave=True)
 
 
-def _flush(pending, result: Result, log: _Log, progress, timed_from, timed_items) -> None:
-    """Move the pending steps' scalars to the host (one sync per log interval) and log one line per step."""
+class _Guard:
+    """Finds the first step with a non-finite loss term (or gradient norm) among the pending steps."""
+
+    def __init__(self, description: str, check_grad_norm: bool):
+        self.description, self.check_grad_norm = description, check_grad_norm
+        self.saved: tuple[Path | None, int] = (None, 0)  # the last finite checkpoint and its step
+
+    def check(self, step: int, record: dict) -> None:
+        bad = {k: v for k, v in record.items()
+               if isinstance(v, float) and not math.isfinite(v) and (k != "grad_norm" or self.check_grad_norm)}
+        if bad:
+            raise NonFiniteLoss(self.description, step, bad, *self.saved)
+
+
+def _flush(pending, result: Result, log: _Log, progress, timed_from, timed_items, guard: _Guard | None = None) -> None:
+    """Move the pending steps' scalars to the host (one sync per log interval) and log one line per step; the
+    guard stops at the first non-finite step, after logging the steps before it."""
     if not pending:
         return
     keys = pending[0][1]
@@ -308,6 +346,8 @@ def _flush(pending, result: Result, log: _Log, progress, timed_from, timed_items
     rate = timed_items / (time.perf_counter() - timed_from) if timed_items else None
     for (step, _, _, lr), row in zip(pending, values):
         record = {"step": step, **dict(zip(keys, row)), "lr": lr}
+        if guard is not None:
+            guard.check(step, record)
         result.losses.append(record["loss"])
         if rate is not None and step == pending[-1][0]:
             record["items_per_s"] = rate
