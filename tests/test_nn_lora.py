@@ -223,8 +223,17 @@ def test_bad_module_arguments():
     attn.attn_drop = nn.Dropout(0.1)
     with pytest.raises(ValueError, match="attn_drop"):
         LoRAAttention.from_timm(attn, 2)
-    with pytest.raises(ValueError, match="attn_mask must be None"):
-        LoRAAttention.from_timm(Attention(8, 2), 2)(rand(1, 3, 8), attn_mask=torch.ones(3, 3, dtype=torch.bool))
+    attn = Attention(8, 2, qkv_bias=True)
+    attn.gate = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="gate"):
+        LoRAAttention.from_timm(attn, 2)
+    wrapped = LoRAAttention.from_timm(Attention(8, 2), 2)
+    with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor or None, got list"):
+        wrapped(rand(1, 3, 8), attn_mask=[[True]])
+    with pytest.raises(TypeError, match="is_causal must be a bool, got Tensor"):
+        wrapped(rand(1, 3, 8), is_causal=torch.tensor(True))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rope'"):
+        wrapped(rand(1, 3, 8), rope=None)
 
 
 def _no_heads():
@@ -236,14 +245,22 @@ def _no_heads():
 # ------------------------------------------------------------------------------------------ LoRAAttention
 
 
-def eager_lora_attention(attn: Attention, wrapped: LoRAAttention, x):
-    """timm's Attention written out, with WeCoLoRA's per-slice LoRA on qkv and LoRA on proj (plain PyTorch)."""
+def eager_lora_attention(attn: Attention, wrapped: LoRAAttention, x, attn_mask=None, is_causal=False):
+    """timm's Attention written out, with WeCoLoRA's per-slice LoRA on qkv and LoRA on proj (plain PyTorch);
+    the mask as timm's non-fused path applies it (a boolean mask keeps True, a float one is added)."""
     B, T, C = x.shape
     s = wrapped.scaling
     delta = [s * F.linear(F.linear(x, wrapped.lora_A[n].weight), wrapped.lora_B[n].weight) for n in "qkv"]
     qkv = (attn.qkv(x) + torch.cat(delta, -1)).reshape(B, T, 3, attn.num_heads, C // attn.num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // attn.num_heads), dim=-1)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(C // attn.num_heads)
+    if is_causal:
+        logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    elif attn_mask is not None and attn_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        logits = logits + attn_mask
+    weights = torch.softmax(logits, dim=-1)
     o = (weights @ v).transpose(1, 2).reshape(B, T, C)
     return attn.proj(o) + s * F.linear(F.linear(o, wrapped.proj.lora_A.weight), wrapped.proj.lora_B.weight)
 
@@ -273,6 +290,39 @@ def test_attention_from_timm_wraps_without_copying(device, backend):
     assert_close(x.grad, x64.grad, torch.float32, "grad of x")
     for (name, p), p64 in zip(wrapped.named_parameters(), wrapped64.parameters()):
         assert_close(p.grad, p64.grad, torch.float32, f"grad of {name}")
+
+
+def _masks(B, H, T):
+    """The masks timm's Block passes: boolean (B, 1, T, T) keeping every query's own token, float (B, H, T, T)."""
+    keep = torch.rand(B, 1, T, T) > 0.4
+    keep |= torch.eye(T, dtype=torch.bool)
+    return {"bool": (keep, False), "float": (rand(B, H, T, T).double(), False), "causal": (None, True)}
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "causal"])
+@pytest.mark.parametrize("merged", [False, True], ids=["lora", "merged"])
+def test_attention_takes_timm_masks(kind, merged):
+    """attn_mask and is_causal (what timm's Block.forward passes) against the eager attention, float64."""
+    attn = Attention(12, 3, qkv_bias=True).double()
+    wrapped = LoRAAttention.from_timm(attn, 4, lora_alpha=6, backend="reference")
+    randomise_adapter(wrapped)
+    attn_mask, is_causal = _masks(2, 3, 5)[kind]
+    x = leaf(rand(2, 5, 12).double())
+    x_ref = leaf(x.detach().clone())
+    ref = eager_lora_attention(copy.deepcopy(attn), wrapped, x_ref, attn_mask, is_causal)
+    if merged:
+        wrapped.merge()
+    out = wrapped(x, attn_mask=attn_mask, is_causal=is_causal)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    unmasked = eager_lora_attention(copy.deepcopy(attn), wrapped, x_ref) if not merged else None
+    if unmasked is not None:
+        assert (unmasked - ref).abs().max() > 1e-3  # the mask changes the output: the test sees it
+    grad_out = rand(2, 5, 12).double()
+    trainable = [] if merged else [p for n, p in wrapped.named_parameters() if "lora_" in n]
+    grads = torch.autograd.grad(out, [x, *trainable], grad_out)
+    ref_grads = torch.autograd.grad(ref, [x_ref, *trainable], grad_out)
+    for name, g, r in zip(["x"] + [f"lora {i}" for i in range(len(trainable))], grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12, msg=lambda m: f"grad of {name}: {m}")
 
 
 def test_attention_merge_unmerge():

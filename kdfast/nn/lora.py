@@ -12,9 +12,11 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdfast import ops
+from kdfast.ops import _validate
 
 _SLICES = ("q", "k", "v")
 
@@ -239,11 +241,12 @@ class LoRAAttention(nn.Module):
     ) -> LoRAAttention:
         """Wrap a timm-style Attention (``qkv``, ``proj``, ``num_heads``) without copying its weights: the new
         module holds the same qkv and proj Linear modules. Attention variants the fused op does not compute
-        (q/k norm, a norm before proj, attention or projection dropout) are a ValueError."""
+        (q/k norm, a norm before proj, an output gate, attention or projection dropout) are a ValueError."""
         missing = [name for name in ("qkv", "proj", "num_heads") if not hasattr(attn, name)]
         if missing:
             raise TypeError(f"attn must be a timm-style Attention with qkv, proj and num_heads; it lacks {missing}")
         unsupported = [name for name in ("q_norm", "k_norm", "norm") if not _identity_or_absent(attn, name)]
+        unsupported += [name for name in ("gate",) if getattr(attn, name, None) is not None]
         unsupported += [
             name for name in ("attn_drop", "proj_drop") if getattr(getattr(attn, name, None), "p", 0.0) > 0
         ]
@@ -278,20 +281,35 @@ class LoRAAttention(nn.Module):
         self.proj.unmerge()
         self.merged = False
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        if attn_mask is not None:
-            raise ValueError("LoRAAttention does not take an attention mask (attn_mask must be None)")
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """x (B, T, C) -> (B, T, C). ``attn_mask`` and ``is_causal`` are timm's (``Block.forward`` passes them):
+        they go to ``scaled_dot_product_attention`` as timm's fused path passes them (a boolean mask keeps the
+        True positions, a float mask is added to the logits; broadcastable to (B, H, T, T))."""
+        if attn_mask is not None and not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         proj = self.proj.base_layer
         if self.merged:
+            pairs, proj_pair = [None, None, None], None
+        else:
+            pairs = [(self.lora_A[s].weight, self.lora_B[s].weight) for s in _SLICES]
+            proj_pair = (self.proj.lora_A.weight, self.proj.lora_B.weight)
+        if attn_mask is None and not is_causal:
             return ops.lora_attention(
-                x, self.qkv.weight, self.qkv.bias, None, None, None, proj.weight, proj.bias, None,
-                num_heads=self.num_heads, backend=self.backend,
+                x, self.qkv.weight, self.qkv.bias, *pairs, proj.weight, proj.bias, proj_pair, self.scaling,
+                self.num_heads, backend=self.backend,
             )
-        pairs = [(self.lora_A[s].weight, self.lora_B[s].weight) for s in _SLICES]
-        return ops.lora_attention(
-            x, self.qkv.weight, self.qkv.bias, *pairs, proj.weight, proj.bias,
-            (self.proj.lora_A.weight, self.proj.lora_B.weight), self.scaling, self.num_heads, backend=self.backend,
+        # Masked attention: kdfast.ops.lora_attention's core takes no mask, so its two LoRA projections run
+        # around SDPA here.
+        q, k, v = ops.lora_qkv(
+            x, self.qkv.weight, self.qkv.bias, *pairs, self.scaling, self.num_heads, backend=self.backend
         )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        out = out.transpose(1, 2).reshape(x.shape)
+        if proj_pair is None:
+            return F.linear(out, *_validate.cast(out.dtype, proj.weight, proj.bias))
+        return ops.lora_linear(out, proj.weight, proj.bias, *proj_pair, self.scaling, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
