@@ -85,7 +85,7 @@ def test_vit_forward_matches_the_equations():
 
 
 def test_vit_loads_a_timm_checkpoint():
-    timm = pytest.importorskip("timm")
+    from timm_import import timm
     theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7).eval()
     ours = VisionTransformer(embed_dim=192, depth=12, num_heads=3, num_classes=7).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
