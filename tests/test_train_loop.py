@@ -42,11 +42,11 @@ def _config(**overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
-def _run(out, batches=None, resume=False, **overrides):
+def _run(out, batches=None, resume=False, settings=None, **overrides):
     torch.manual_seed(0)
     task = _Task()
     torch.manual_seed(123)  # the training RNG stream (dropout), the same for every run
-    return task, fit(task, batches or _batches(), _config(**overrides), out, resume=resume)
+    return task, fit(task, batches or _batches(), _config(**overrides), out, resume=resume, settings=settings)
 
 
 def _lines(out) -> list[dict]:
@@ -134,6 +134,39 @@ def test_a_diverging_learning_rate_stops_at_the_first_non_finite_step(tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()
     lines = _lines(tmp_path)
     assert all(torch.isfinite(torch.tensor([line["loss"], line["grad_norm"]])).all() for line in lines)
+
+
+def test_resume_refuses_other_settings_naming_them_and_the_file(tmp_path):
+    _run(tmp_path, steps=4, settings={"seed": 0, "batch_size": 8})
+    with pytest.raises(ValueError, match=r"cannot resume from '.*checkpoint.pt': it was written with other settings "
+                                         r"\(lr 0.01 -> 0.02, seed 0 -> 1\)"):
+        _run(tmp_path, resume=True, steps=4, lr=2e-2, settings={"seed": 1, "batch_size": 8})
+    with pytest.raises(ValueError, match=r"other settings \(steps 4 -> 6\)"):
+        _run(tmp_path, resume=True, steps=6, settings={"seed": 0, "batch_size": 8})
+    # What only changes when checkpoints are written, how often lines are logged or where it runs may differ.
+    _run(tmp_path, resume=True, steps=4, checkpoint_every=1, log_every=3, settings={"seed": 0, "batch_size": 8})
+
+
+def test_a_finished_run_resumed_reports_its_final_loss_and_throughput(tmp_path):
+    _, straight = _run(tmp_path, checkpoint_every=5)
+    assert straight.final_loss == straight.losses[-1]
+    _, again = _run(tmp_path, resume=True, checkpoint_every=5)
+    assert again.losses == [] and again.final_loss == straight.final_loss and again.items_per_s > 0
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+    _run(tmp_path, steps=4)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"^no space left writing .*checkpoint.pt$"):
+        _run(tmp_path, steps=4, checkpoint_every=2)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no temporary left
 
 
 def test_metrics_lines_and_learning_rate_schedule(tmp_path):

@@ -16,28 +16,28 @@ from kdfast.train.recipes import gini, slotmatch, wecolora
 from kdfast.train.recipes._common import Options, format_report
 
 
+# Tiny evaluation sets (and a smaller ViT): a few steps of each recipe in seconds.
+TINY = {"gini": {"eval_samples": 48}, "slotmatch": {"eval_videos": 6},
+        "wecolora": {"probe_train": 36, "held_out": 24, "few_shot_per_class": 2, "depth": 4, "embed_dim": 32}}
+
+
 @pytest.fixture(autouse=True)
 def _small(monkeypatch):
-    """Tiny evaluation sets, one thread, and KDFAST_BACKEND restored after the recipe sets it."""
+    """One thread, and KDFAST_BACKEND restored after the recipe sets it."""
     monkeypatch.setenv("KDFAST_BACKEND", "auto")
-    monkeypatch.setattr(gini, "EVAL_SAMPLES", 48)
-    monkeypatch.setattr(slotmatch, "EVAL_VIDEOS", 6)
-    monkeypatch.setattr(wecolora, "PROBE_TRAIN", 36)
-    monkeypatch.setattr(wecolora, "HELD_OUT", 24)
-    monkeypatch.setattr(wecolora, "FEW_SHOT_PER_CLASS", 2)
-    monkeypatch.setattr(wecolora, "VIT", {**wecolora.VIT, "depth": 4, "embed_dim": 32})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-def _options(tmp_path, **overrides) -> Options:
-    return Options(**{"steps": 2, "batch_size": 4, "device": "cpu", "out": str(tmp_path), "progress": False, **overrides})
+def _options(tmp_path, recipe, **overrides) -> Options:
+    return Options(**{"steps": 2, "batch_size": 4, "device": "cpu", "out": str(tmp_path), "progress": False,
+                      "overrides": dict(TINY[recipe]), **overrides})
 
 
 def test_gini_recipe(tmp_path):
-    report = gini.run(_options(tmp_path))
+    report = gini.run(_options(tmp_path, "gini"))
     assert [row["run"] for row in report["rows"]] == ["ce", "ce+gini+kl"]
     assert all(0 <= row["held-out accuracy"] <= 1 and row["steps"] == 2 for row in report["rows"])
     assert json.loads((tmp_path / "report.json").read_text())["recipe"] == "gini"
@@ -45,20 +45,20 @@ def test_gini_recipe(tmp_path):
 
 
 def test_slotmatch_recipe_and_teacher_from_a_checkpoint(tmp_path):
-    report = slotmatch.run(_options(tmp_path / "a"))
+    report = slotmatch.run(_options(tmp_path / "a", "slotmatch"))
     teacher, student = report["rows"]
     assert teacher["parameters"] > student["parameters"] > 0
     for row in report["rows"]:
         for masks in ("decoder", "attention", "token-grid bound"):
             assert -1 <= row[f"FG-ARI ({masks})"] <= 1 and 0 <= row[f"mBO ({masks})"] <= 1
         assert row["frames/s (inference)"] > 0
-    loaded = slotmatch.run(_options(tmp_path / "b", teacher=str(tmp_path / "a" / "teacher" / "checkpoint.pt")))
+    loaded = slotmatch.run(_options(tmp_path / "b", "slotmatch", teacher=str(tmp_path / "a" / "teacher" / "checkpoint.pt")))
     assert loaded["rows"][0]["trained"].startswith("loaded")
     assert loaded["rows"][0]["FG-ARI (decoder)"] == teacher["FG-ARI (decoder)"]  # the same teacher and videos
 
 
 def test_wecolora_recipe(tmp_path):
-    report = wecolora.run(_options(tmp_path))
+    report = wecolora.run(_options(tmp_path, "wecolora"))
     teacher, copy, student = report["rows"]
     assert teacher["feature L1 to teacher"] == 0 and copy["feature L1 to teacher"] > 0
     assert student["blocks"] == copy["blocks"] == teacher["blocks"] // 2
@@ -69,7 +69,7 @@ def test_reference_backend_gives_the_same_losses(tmp_path):
     # The recipe on the kdfast kernels and on the eager reference: the same run, up to float32 rounding.
     losses = {}
     for backend in ("auto", "reference"):
-        slotmatch.run(_options(tmp_path / backend, backend=backend))
+        slotmatch.run(_options(tmp_path / backend, "slotmatch", backend=backend))
         lines = (tmp_path / backend / "student" / "metrics.jsonl").read_text().splitlines()
         losses[backend] = torch.tensor([json.loads(line)["loss"] for line in lines])
     torch.testing.assert_close(losses["auto"], losses["reference"], rtol=1e-4, atol=1e-6)
@@ -80,7 +80,7 @@ def test_real_image_data(tmp_path):
     np.savez(tmp_path / "cifar.npz", x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), y=np.arange(20) % 3)
     dataset = data.open_image_data(tmp_path / "cifar.npz")
     assert dataset[0]["image"].shape == (3, 32, 32) and dataset.num_classes == 3
-    report = gini.run(_options(tmp_path / "run", data=str(tmp_path / "cifar.npz")))
+    report = gini.run(_options(tmp_path / "run", "gini", data=str(tmp_path / "cifar.npz")))
     assert report["classes"] == 3 and report["held-out samples"] == 2
 
     image = pytest.importorskip("PIL.Image")
@@ -101,7 +101,7 @@ def test_real_video_data(tmp_path):
     assert len(clips) == 6 and clips[0]["features"].shape == (4, 16, 8) and clips[0]["masks"].shape == (4, 12, 12)
     torch.testing.assert_close(clips[1]["features"], features[0, 4:8])
     assert "masks" not in data.open_video_data(tmp_path / "features.npy", num_frames=4)[0]
-    report = slotmatch.run(_options(tmp_path / "run", data=str(tmp_path / "features.pt")))
+    report = slotmatch.run(_options(tmp_path / "run", "slotmatch", data=str(tmp_path / "features.pt")))
     assert report["tokens per frame"] == 16 and "FG-ARI (decoder)" in report["rows"][1]
 
     image = pytest.importorskip("PIL.Image")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -29,15 +31,67 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: str | Path, **state: Any) -> Path:
-    """Write ``state`` (plus the format tag) to ``path``: to a temporary file first, then renamed over it, so a
-    kill during the write leaves the previous checkpoint intact."""
+def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write ``data`` (bytes, or a function writing to a file object) to a temporary file, then rename it over
+    ``path``: a kill or a failed write (a full disk) leaves the previous file intact. A failed write is an
+    OSError naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the file
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        if _no_space(exc):
+            raise _os_error(errno.ENOSPC, f"no space left writing {path}") from exc
+        if isinstance(exc, RuntimeError) and not isinstance(exc.__context__, OSError):
+            raise
+        raise _os_error(getattr(exc, "errno", None), f"cannot write {path}: {str(exc).splitlines()[0]}") from exc
     return path
+
+
+def _os_error(code: int | None, message: str) -> OSError:
+    error = OSError(message)  # OSError(code, message) would prefix "[Errno N]" to the user's one line
+    error.errno = code
+    return error
+
+
+def _no_space(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        # torch's zip writer: "[enforce fail at inline_container.cc:...] . unexpected pos ..." when a write fell short
+        if isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "No space left" in str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def save(path: str | Path, **state: Any) -> Path:
+    """Write ``state`` (plus the format tag) to ``path`` atomically (:func:`write_atomic`)."""
+    return write_atomic(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def check_settings(path: str | Path, stored: dict | None, current: dict) -> None:
+    """A ValueError listing the settings that differ between a checkpoint and the run resuming from it."""
+    if stored == current:
+        return
+    if stored is None:
+        raise ValueError(f"cannot resume from {str(path)!r}: it stores no run settings (written by another program "
+                         "or an older kdfast); start a new --out")
+    keys = [k for k in dict.fromkeys([*current, *stored]) if stored.get(k) != current.get(k)]
+    diffs = ", ".join(f"{k} {_short(stored.get(k))} -> {_short(current.get(k))}" for k in keys)
+    raise ValueError(f"cannot resume from {str(path)!r}: it was written with other settings ({diffs}); resume with "
+                     "the stored settings or start a new --out")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -80,6 +80,7 @@ class Result:
     first_step: int = 0
     step: int = 0
     items_per_s: float = float("nan")
+    final_loss: float | None = None  # the loss of the last step, also when a resumed run had nothing left to train
     seconds: float = 0.0
     checkpoint: Path | None = None
     device: str = "cpu"
@@ -188,8 +189,13 @@ class _Log:
                 f.write(json.dumps(record) + "\n")
 
 
+# The TrainConfig fields that change what a run computes: a resumed run must have the same (checkpoint_every,
+# log_every, device and the progress bar may differ).
+RUN_FIELDS = ("steps", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip", "amp", "items_per_sample")
+
+
 def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out: str | Path | None = None,
-        resume: bool | str | Path = False) -> Result:
+        resume: bool | str | Path = False, settings: dict | None = None) -> Result:
     """Train ``task`` on ``batches`` for ``config.steps`` steps (module docstring).
 
     Args:
@@ -197,6 +203,8 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
         batches: ``(step, rank, world) -> batch`` (a dict of tensors; the rank's slice of the global batch).
         out: directory of ``checkpoint.pt`` and ``metrics.jsonl`` (None: neither is written).
         resume: True to continue from ``<out>/checkpoint.pt`` when it exists, or a checkpoint path.
+        settings: what identifies the run (a recipe's settings, seed, data): stored in every checkpoint; resuming
+            from a checkpoint with other settings (or another config's RUN_FIELDS) is a ValueError naming them.
 
     Raises:
         TrainingInterrupted: after Ctrl-C or SIGTERM, once the checkpoint is written.
@@ -213,17 +221,24 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
     dtype = amp_dtype(config.amp, device)
     scaler = _grad_scaler(dtype == torch.float16)
 
-    start = 0
+    start, stored = 0, {}
+    identity = {**{k: getattr(config, k) for k in RUN_FIELDS}, **(settings or {})}
     resume_from = (ckpt_path if resume is True else Path(resume) if resume else None)
     if resume_from is not None and (resume is not True or resume_from.exists()):
         state = checkpoint.load(resume_from)
-        task.load_state_dict(state["model"])
+        checkpoint.check_settings(resume_from, state.get("settings"), identity)
+        try:
+            task.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {str(resume_from)!r} does not fit this model "
+                             f"({str(exc).splitlines()[0]})") from exc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         checkpoint.set_rng_state(rng[context.rank % len(rng)] if isinstance(rng, list) else rng)
         start = int(state["step"])
+        stored = {"final_loss": state.get("final_loss"), "items_per_s": state.get("items_per_s", float("nan"))}
         if start > config.steps:
             raise ValueError(f"checkpoint {str(resume_from)!r} is at step {start}, past steps={config.steps}")
     log = _Log(out / "metrics.jsonl" if out is not None and context.is_main else None, start if start else None)
@@ -240,9 +255,13 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
             rng = gathered
         if ckpt_path is None or not context.is_main:
             return None
+        # The last loss and the throughput: a run resumed after its last step still reports them.
+        final_loss = result.losses[-1] if result.losses else stored.get("final_loss")
+        rate = _rate(timed_items, timed_from) or stored.get("items_per_s")
         return checkpoint.save(ckpt_path, step=step, model=task.state_dict(), optimizer=optimizer.state_dict(),
                                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng,
-                               config=asdict(config), world=context.world)
+                               config=asdict(config), settings=identity, world=context.world,
+                               final_loss=final_loss, items_per_s=rate)
 
     result = Result(first_step=start, step=start, device=str(device), world=context.world)
     # Under fp16 the gradient scaler skips steps whose gradients overflow: an infinite norm there is expected.
@@ -295,15 +314,22 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
             progress.close()
     result.seconds = time.perf_counter() - started
     if timed_items:
-        result.items_per_s = timed_items / (time.perf_counter() - timed_from)
+        result.items_per_s = _rate(timed_items, timed_from)
     elif result.step > start:  # a single step: its own time, warm-up included
         result.items_per_s = items / result.seconds
+    else:  # nothing left to train: what the run that wrote the checkpoint measured
+        result.items_per_s = stored.get("items_per_s", float("nan"))
+    result.final_loss = result.losses[-1] if result.losses else stored.get("final_loss")
     if ckpt_path is not None and (result.step > start or not ckpt_path.exists()):
         result.checkpoint = save(result.step) or result.checkpoint
     elif ckpt_path is not None:
         result.checkpoint = ckpt_path  # already complete: nothing trained
     distributed.barrier(context)
     return result
+
+
+def _rate(items: int, since: float | None) -> float | None:
+    return items / (time.perf_counter() - since) if items and since is not None else None
 
 
 def _agree(requested: bool, context: distributed.Context, device: torch.device) -> bool:

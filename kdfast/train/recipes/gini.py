@@ -8,6 +8,8 @@ Data: the embedded ``shapes`` (6 classes) or ``--data`` (an ImageFolder director
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,9 +17,30 @@ from torch import Tensor, nn
 from kdfast.nn import GiniKLLoss
 from kdfast.train import data
 from kdfast.train.loop import fit
-from kdfast.train.recipes._common import Options, apply_backend, config, finish, parameter_count, seed_everything
+from kdfast.train.recipes._common import (Options, apply_backend, config, finish, parameter_count, prepare,
+                                          seed_everything)
+from kdfast.train.recipes._settings import setting
 
 STEPS, BATCH_SIZE, LR, IMAGE_SIZE, EVAL_SAMPLES = 300, 64, 2e-3, 32, 1000
+
+
+@dataclass
+class Settings:
+    """The gini recipe's sizes and schedule (``kdfast train gini --set key=value``)."""
+
+    MAY_BE_ZERO = ("warmup_steps", "checkpoint_every", "gini_weight", "kl_weight")
+
+    steps: int = setting(STEPS, "optimiser steps of each run")
+    batch_size: int = setting(BATCH_SIZE, "global batch size")
+    lr: float = setting(LR, "peak learning rate (AdamW)")
+    warmup_steps: int = setting(20, "linear warm-up steps")
+    checkpoint_every: int = setting(100, "steps between checkpoints (0: at the end and when stopped only)")
+    image_size: int = setting(IMAGE_SIZE, "image side in pixels (--data images are resized to it)")
+    widths: tuple[int, ...] = setting((16, 32, 64), "channels of the ResNet's stages")
+    train_samples: int = setting(10_000, "synthetic training images")
+    eval_samples: int = setting(EVAL_SAMPLES, "synthetic held-out images")
+    gini_weight: float = setting(0.5, "weight of the Gini term")
+    kl_weight: float = setting(0.5, "weight of the KL term")
 
 
 class _Block(nn.Module):
@@ -88,12 +111,14 @@ def evaluate(net: SmallResNet, held_out, num_classes: int, device) -> dict[str, 
     return {"accuracy": correct / total, "gini": float(criterion.gini), "kl": float(criterion.kl)}
 
 
-def datasets(options: Options):
+def datasets(options: Options, settings: Settings):
     if options.data is None:
-        return (data.Shapes(size=IMAGE_SIZE, seed=options.seed, split="train"),
-                data.Shapes(num_samples=EVAL_SAMPLES, size=IMAGE_SIZE, seed=options.seed, split="held-out"),
+        return (data.Shapes(num_samples=settings.train_samples, size=settings.image_size, seed=options.seed,
+                            split="train"),
+                data.Shapes(num_samples=settings.eval_samples, size=settings.image_size, seed=options.seed,
+                            split="held-out"),
                 data.Shapes.num_classes, "shapes (synthetic)")
-    real = data.open_image_data(options.data, IMAGE_SIZE)
+    real = data.open_image_data(options.data, settings.image_size)
     train, held_out = data.split(real, 0.1, options.seed)
     return train, held_out, real.num_classes, options.data
 
@@ -101,24 +126,27 @@ def datasets(options: Options):
 def run(options: Options) -> dict:
     if options.teacher is not None:
         raise ValueError("--teacher: the gini recipe trains no teacher (it compares CE + Gini/KL with CE alone)")
+    settings, identity, out = prepare(options, "gini", Settings)
     apply_backend(options.backend)
-    out = options.out_dir("gini")
-    train, held_out, num_classes, source = datasets(options)
-    batches = data.Batches(train, options.batch_size or BATCH_SIZE, seed=options.seed)
+    train, held_out, num_classes, source = datasets(options, settings)
+    batches = data.Batches(train, settings.batch_size, seed=options.seed)
     rows = []
     for name, with_gini in (("ce", False), ("ce+gini+kl", True)):
         seed_everything(options.seed)  # same initial weights and batches for both runs
-        net = SmallResNet(num_classes)
-        cfg = config(options, f"gini [{name}]", steps=STEPS, lr=LR, warmup_steps=20, log_every=10)
-        criterion = GiniKLLoss(num_classes, 0.5, 0.5, warmup_steps=cfg.steps // 4, sync_ddp=True) if with_gini else None
-        result = fit(ClassifierTask(net, criterion), batches, cfg, out / name, resume=options.resume)
+        net = SmallResNet(num_classes, settings.widths)
+        cfg = config(options, f"gini [{name}]", steps=settings.steps, lr=settings.lr,
+                     warmup_steps=settings.warmup_steps, log_every=10)
+        criterion = (GiniKLLoss(num_classes, settings.gini_weight, settings.kl_weight, warmup_steps=cfg.steps // 4,
+                                sync_ddp=True) if with_gini else None)
+        result = fit(ClassifierTask(net, criterion), batches, cfg, out / name, resume=options.resume,
+                     settings=identity)
         scores = evaluate(net, held_out, num_classes, result.device)
         rows.append({"run": name, "held-out accuracy": scores["accuracy"], "feature gini": scores["gini"],
-                     "feature kl": scores["kl"], "final train loss": result.losses[-1] if result.losses else None,
+                     "feature kl": scores["kl"], "final train loss": result.final_loss,
                      "images/s": result.items_per_s, "steps": result.step})
     report = {"recipe": "gini", "data": source, "classes": num_classes, "held-out samples": len(held_out),
-              "parameters": parameter_count(SmallResNet(num_classes)), "device": result.device,
+              "parameters": parameter_count(SmallResNet(num_classes, settings.widths)), "device": result.device,
               "backend": options.backend or "auto", "world size": result.world,
               "accuracy gain (ce+gini+kl - ce)": rows[1]["held-out accuracy"] - rows[0]["held-out accuracy"],
               "rows": rows}
-    return finish(report, out)
+    return finish(report, out, settings)

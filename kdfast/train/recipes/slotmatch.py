@@ -18,6 +18,7 @@ the token grid as the bound, parameter counts, training throughput and inference
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,9 @@ from torch import Tensor, nn
 from kdfast.nn import SlotAttention, SlotContrastLoss, SlotMatchLoss
 from kdfast.train import data, distributed, metrics
 from kdfast.train.loop import fit, load_model
-from kdfast.train.recipes._common import Options, apply_backend, config, finish, parameter_count, seed_everything
+from kdfast.train.recipes._common import (Options, apply_backend, config, finish, parameter_count, prepare,
+                                          seed_everything)
+from kdfast.train.recipes._settings import setting
 
 STEPS, BATCH_SIZE, LR = 500, 8, 1e-3
 FRAMES, IMAGE_SIZE, PATCH, FEATURE_DIM, SLOTS, EVAL_VIDEOS = 4, 32, 4, 64, 7, 64
@@ -35,6 +38,44 @@ FRAMES, IMAGE_SIZE, PATCH, FEATURE_DIM, SLOTS, EVAL_VIDEOS = 4, 32, 4, 64, 7, 64
 # steps. The student keeps the slot width and shrinks the MLPs, the predictor and the decoder.
 TEACHER = {"slot_dim": 16, "hidden": 128, "predictor_heads": 2}
 STUDENT = {"slot_dim": 16, "hidden": 32, "predictor_heads": 2}
+
+
+@dataclass
+class Settings:
+    """The slotmatch recipe's sizes and schedule (``kdfast train slotmatch --set key=value``)."""
+
+    MAY_BE_ZERO = ("warmup_steps", "checkpoint_every", "match_weight")
+
+    steps: int = setting(STEPS, "optimiser steps of the teacher and of the student")
+    batch_size: int = setting(BATCH_SIZE, "global batch size (clips)")
+    lr: float = setting(LR, "peak learning rate (AdamW)")
+    warmup_steps: int = setting(50, "linear warm-up steps")
+    checkpoint_every: int = setting(100, "steps between checkpoints (0: at the end and when stopped only)")
+    frames: int = setting(FRAMES, "frames per clip")
+    image_size: int = setting(IMAGE_SIZE, "frame side in pixels (frame images are resized to it)")
+    patch: int = setting(PATCH, "patch side of the frozen encoder (tokens per frame: (image_size / patch)^2)")
+    feature_dim: int = setting(FEATURE_DIM, "width of the frozen encoder's features")
+    slots: int = setting(SLOTS, "slots per frame")
+    train_videos: int = setting(2000, "synthetic training clips")
+    eval_videos: int = setting(EVAL_VIDEOS, "synthetic held-out clips")
+    teacher_slot_dim: int = setting(TEACHER["slot_dim"], "teacher's slot width")
+    teacher_hidden: int = setting(TEACHER["hidden"], "teacher's MLP width")
+    teacher_predictor_heads: int = setting(TEACHER["predictor_heads"], "teacher's predictor attention heads")
+    student_slot_dim: int = setting(STUDENT["slot_dim"], "student's slot width")
+    student_hidden: int = setting(STUDENT["hidden"], "student's MLP width")
+    student_predictor_heads: int = setting(STUDENT["predictor_heads"], "student's predictor attention heads")
+    match_weight: float = setting(1.0, "weight of the student's slot matching loss")
+
+    def check(self) -> None:
+        if self.image_size % self.patch:
+            raise ValueError(f"--set image_size={self.image_size}: must be a multiple of patch ({self.patch})")
+        for model in ("teacher", "student"):
+            dim, heads = getattr(self, f"{model}_slot_dim"), getattr(self, f"{model}_predictor_heads")
+            if dim % heads:
+                raise ValueError(f"--set {model}_slot_dim={dim}: must be a multiple of {model}_predictor_heads ({heads})")
+
+    def model(self, name: str) -> dict[str, int]:
+        return {key: getattr(self, f"{name}_{key}") for key in ("slot_dim", "hidden", "predictor_heads")}
 
 
 class PatchEncoder(nn.Module):
@@ -193,28 +234,33 @@ def _evaluate(model: SlotVideoModel, encoder: nn.Module | None, held_out, device
     return {"frames/s (inference)": frames / seconds, **{k: float(torch.cat(v).nanmean()) for k, v in scores.items()}}
 
 
-def datasets(options: Options):
+def datasets(options: Options, settings: Settings):
     if options.data is None:
-        return (data.MovingShapes(num_frames=FRAMES, size=IMAGE_SIZE, seed=options.seed, split="train"),
-                data.MovingShapes(num_samples=EVAL_VIDEOS, num_frames=FRAMES, size=IMAGE_SIZE, seed=options.seed,
-                                  split="held-out"), "moving-shapes (synthetic)")
-    real = data.open_video_data(options.data, FRAMES, IMAGE_SIZE)
+        size, frames = settings.image_size, settings.frames
+        return (data.MovingShapes(settings.train_videos, frames, size, seed=options.seed, split="train"),
+                data.MovingShapes(settings.eval_videos, frames, size, seed=options.seed, split="held-out"),
+                "moving-shapes (synthetic)")
+    real = data.open_video_data(options.data, settings.frames, settings.image_size)
     train, held_out = data.split(real, 0.1, options.seed)
     return train, held_out, options.data
 
 
 def run(options: Options) -> dict:
+    settings, identity, out = prepare(options, "slotmatch", Settings)
     apply_backend(options.backend)
-    out = options.out_dir("slotmatch")
-    train, held_out, source = datasets(options)
+    train, held_out, source = datasets(options, settings)
     sample = train[0]
-    encoder = PatchEncoder(seed=options.seed) if "video" in sample else None
+    encoder = PatchEncoder(settings.patch, settings.feature_dim, seed=options.seed) if "video" in sample else None
     features = _features(encoder, {k: v[None] for k, v in sample.items()})
     num_tokens, feature_dim = features.shape[-2:]
-    batches = data.Batches(train, options.batch_size or BATCH_SIZE, seed=options.seed)
+    batches = data.Batches(train, settings.batch_size, seed=options.seed)
+
+    def phase(name: str):
+        return config(options, f"slotmatch [{name}]", steps=settings.steps, lr=settings.lr,
+                      warmup_steps=settings.warmup_steps, items_per_sample=settings.frames)
 
     seed_everything(options.seed)
-    teacher = SlotVideoModel(feature_dim, num_tokens, SLOTS, **TEACHER)
+    teacher = SlotVideoModel(feature_dim, num_tokens, settings.slots, **settings.model("teacher"))
     teacher_task = TeacherTask(teacher, encoder)
     rows = []
     if options.teacher is not None:
@@ -223,23 +269,22 @@ def run(options: Options) -> dict:
         device = distributed.device_for(options.device, distributed.setup(options.device))
         teacher_task.to(device)
     else:
-        cfg = config(options, "slotmatch [teacher]", steps=STEPS, lr=LR, warmup_steps=50, items_per_sample=FRAMES)
-        result = fit(teacher_task, batches, cfg, out / "teacher", resume=options.resume)
+        result = fit(teacher_task, batches, phase("teacher"), out / "teacher", resume=options.resume,
+                     settings=identity)
         device = torch.device(result.device)
         teacher_row = {"model": "teacher", "trained": f"{result.step} steps", "train frames/s": result.items_per_s,
-                       "final loss": result.losses[-1] if result.losses else None}
+                       "final loss": result.final_loss}
     rows.append({**teacher_row, "parameters": parameter_count(teacher), **evaluate(teacher, encoder, held_out, device)})
 
     seed_everything(options.seed + 1)
-    student = SlotVideoModel(feature_dim, num_tokens, SLOTS, **STUDENT)
-    student_task = StudentTask(student, teacher, encoder, TEACHER["slot_dim"])
-    cfg = config(options, "slotmatch [student]", steps=STEPS, lr=LR, warmup_steps=50, items_per_sample=FRAMES)
-    result = fit(student_task, batches, cfg, out / "student", resume=options.resume)
+    student = SlotVideoModel(feature_dim, num_tokens, settings.slots, **settings.model("student"))
+    student_task = StudentTask(student, teacher, encoder, settings.teacher_slot_dim, settings.match_weight)
+    result = fit(student_task, batches, phase("student"), out / "student", resume=options.resume, settings=identity)
     rows.append({"model": "student (SlotMatch)", "trained": f"{result.step} steps", "train frames/s": result.items_per_s,
-                 "final loss": result.losses[-1] if result.losses else None,
+                 "final loss": result.final_loss,
                  "parameters": parameter_count(student), **evaluate(student, encoder, held_out, device)})
-    report = {"recipe": "slotmatch", "data": source, "held-out videos": len(held_out), "frames per clip": FRAMES,
-              "tokens per frame": num_tokens, "slots": SLOTS, "device": str(device),
+    report = {"recipe": "slotmatch", "data": source, "held-out videos": len(held_out), "frames per clip": settings.frames,
+              "tokens per frame": num_tokens, "slots": settings.slots, "device": str(device),
               "backend": options.backend or "auto", "world size": result.world,
               "parameter ratio (teacher / student)": rows[0]["parameters"] / rows[1]["parameters"], "rows": rows}
-    return finish(report, out)
+    return finish(report, out, settings)

@@ -11,6 +11,7 @@ LoRA student.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +21,9 @@ from torch import Tensor, nn
 from kdfast.models.vit import VisionTransformer
 from kdfast.train import data, distributed
 from kdfast.train.loop import fit, load_model
-from kdfast.train.recipes._common import Options, apply_backend, config, finish, parameter_count, seed_everything
+from kdfast.train.recipes._common import (Options, apply_backend, config, finish, parameter_count, prepare,
+                                          seed_everything)
+from kdfast.train.recipes._settings import setting
 from kdfast.wecolora import build_student, feature_distillation_loss, last_block_output
 
 TEACHER_STEPS, STUDENT_STEPS, BATCH_SIZE, IMAGE_SIZE = 800, 600, 32, 32
@@ -28,6 +31,48 @@ FEW_SHOT_PER_CLASS, PROBE_TRAIN, HELD_OUT, REDUCTION, RANK = 16, 600, 600, 2, 8
 VIT = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 2}
 # A ViT trained from scratch for a few minutes needs an easier task than the gini recipe's shapes to learn at all.
 EASY_SHAPES = {"noise": 0.05, "radius": (0.25, 0.45)}
+
+
+@dataclass
+class Settings:
+    """The wecolora recipe's sizes and schedule (``kdfast train wecolora --set key=value``)."""
+
+    MAY_BE_ZERO = ("teacher_warmup_steps", "student_warmup_steps", "checkpoint_every", "weight_decay")
+    STEP_FIELDS = ("teacher_steps", "student_steps")  # what --steps sets
+    LR_FIELDS = ("teacher_lr", "student_lr")  # what --lr sets
+
+    teacher_steps: int = setting(TEACHER_STEPS, "optimiser steps of the teacher")
+    student_steps: int = setting(STUDENT_STEPS, "optimiser steps of the student")
+    batch_size: int = setting(BATCH_SIZE, "global batch size")
+    teacher_lr: float = setting(1e-3, "teacher's peak learning rate")
+    student_lr: float = setting(2e-3, "student's peak learning rate")
+    teacher_warmup_steps: int = setting(30, "teacher's linear warm-up steps")
+    student_warmup_steps: int = setting(20, "student's linear warm-up steps")
+    weight_decay: float = setting(0.05, "teacher's AdamW weight decay")
+    checkpoint_every: int = setting(100, "steps between checkpoints (0: at the end and when stopped only)")
+    image_size: int = setting(IMAGE_SIZE, "image side in pixels (--data images are resized to it)")
+    patch_size: int = setting(VIT["patch_size"], "ViT patch side")
+    embed_dim: int = setting(VIT["embed_dim"], "ViT width")
+    depth: int = setting(VIT["depth"], "ViT blocks of the teacher")
+    num_heads: int = setting(VIT["num_heads"], "ViT attention heads")
+    train_samples: int = setting(10_000, "synthetic training images")
+    few_shot_per_class: int = setting(FEW_SHOT_PER_CLASS, "distillation images per class")
+    probe_train: int = setting(PROBE_TRAIN, "synthetic images the linear probe trains on")
+    held_out: int = setting(HELD_OUT, "synthetic held-out images")
+    reduction: int = setting(REDUCTION, "the student keeps every reduction-th block")
+    rank: int = setting(RANK, "LoRA rank")
+
+    def check(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"--set image_size={self.image_size}: must be a multiple of patch_size ({self.patch_size})")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"--set embed_dim={self.embed_dim}: must be a multiple of num_heads ({self.num_heads})")
+        if self.reduction > self.depth:
+            raise ValueError(f"--set reduction={self.reduction}: must be <= depth ({self.depth})")
+
+    def vit(self) -> dict[str, int]:
+        return {"img_size": self.image_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
+                "depth": self.depth, "num_heads": self.num_heads}
 
 
 class _Resize(nn.Module):
@@ -76,7 +121,7 @@ class DistillTask(nn.Module):
         return {"loss": feature_distillation_loss(last_block_output(self.student, images), target)}
 
 
-def _teacher(options: Options, num_classes: int) -> tuple[nn.Module, int | None, str]:
+def _teacher(options: Options, settings: Settings, num_classes: int) -> tuple[nn.Module, int | None, str]:
     """The teacher model, the image size it needs (None: the data's), and how it was obtained."""
     spec = options.teacher
     if spec is not None and spec.startswith("timm:"):
@@ -86,7 +131,7 @@ def _teacher(options: Options, num_classes: int) -> tuple[nn.Module, int | None,
             raise ImportError("--teacher timm:<name> needs timm (pip install timm)") from exc
         model = timm.create_model(spec.removeprefix("timm:"), pretrained=True, num_classes=num_classes)
         return model, model.patch_embed.img_size[0], f"timm {spec.removeprefix('timm:')} (pretrained)"
-    return VisionTransformer(num_classes=num_classes, **VIT), None, "kdfast ViT"
+    return VisionTransformer(num_classes=num_classes, **settings.vit()), None, "kdfast ViT"
 
 
 @torch.no_grad()
@@ -133,33 +178,34 @@ def _few_shot(dataset, num_classes: int, per_class: int) -> data.TensorDataset:
     return data.TensorDataset(**data.collate(chosen))
 
 
-def datasets(options: Options):
+def datasets(options: Options, settings: Settings):
     if options.data is None:
-        shapes = data.Shapes.num_classes
-        return (data.Shapes(size=IMAGE_SIZE, seed=options.seed, split="train", **EASY_SHAPES),
-                data.Shapes(num_samples=PROBE_TRAIN + HELD_OUT, size=IMAGE_SIZE, seed=options.seed, split="held-out",
+        shapes, size = data.Shapes.num_classes, settings.image_size
+        return (data.Shapes(settings.train_samples, size, seed=options.seed, split="train", **EASY_SHAPES),
+                data.Shapes(settings.probe_train + settings.held_out, size, seed=options.seed, split="held-out",
                             **EASY_SHAPES), shapes, "shapes (synthetic; larger shapes, less noise)")
-    real = data.open_image_data(options.data, IMAGE_SIZE)
+    real = data.open_image_data(options.data, settings.image_size)
     train, held_out = data.split(real, 0.3, options.seed)
     return train, held_out, real.num_classes, options.data
 
 
 def run(options: Options) -> dict:
+    settings, identity, out = prepare(options, "wecolora", Settings)
     apply_backend(options.backend)
-    out = options.out_dir("wecolora")
-    train, evaluation, num_classes, source = datasets(options)
+    train, evaluation, num_classes, source = datasets(options, settings)
     split_at = len(evaluation) // 2
     probe_train = torch.utils.data.Subset(evaluation, range(split_at))
     held_out = torch.utils.data.Subset(evaluation, range(split_at, len(evaluation)))
-    batch_size = options.batch_size or BATCH_SIZE
+    batch_size = settings.batch_size
 
     seed_everything(options.seed)
-    teacher, size, origin = _teacher(options, num_classes)
+    teacher, size, origin = _teacher(options, settings, num_classes)
     teacher_task = ClassifierTask(teacher)
     if options.teacher is None:
-        cfg = config(options, "wecolora [teacher]", steps=TEACHER_STEPS, lr=1e-3, warmup_steps=30, weight_decay=0.05)
+        cfg = config(options, "wecolora [teacher]", steps=settings.teacher_steps, lr=settings.teacher_lr,
+                     warmup_steps=settings.teacher_warmup_steps, weight_decay=settings.weight_decay)
         result = fit(teacher_task, data.Batches(train, batch_size, options.seed), cfg, out / "teacher",
-                     resume=options.resume)
+                     resume=options.resume, settings=identity)
         origin, device = f"kdfast ViT trained {result.step} steps (CE)", torch.device(result.device)
     else:
         if not options.teacher.startswith("timm:"):
@@ -168,13 +214,14 @@ def run(options: Options) -> dict:
         device = distributed.device_for(options.device, distributed.setup(options.device))
         teacher.to(device)
 
-    few_shot = _few_shot(train, num_classes, FEW_SHOT_PER_CLASS)
-    weight_copy = build_student(teacher, REDUCTION, RANK).to(device)  # B = 0: exactly the weight-copy student
-    student = build_student(teacher, REDUCTION, RANK).to(device)
-    cfg = config(options, "wecolora [student]", steps=STUDENT_STEPS, lr=2e-3, warmup_steps=20)
+    few_shot = _few_shot(train, num_classes, settings.few_shot_per_class)
+    weight_copy = build_student(teacher, settings.reduction, settings.rank).to(device)  # B = 0: the weight copy
+    student = build_student(teacher, settings.reduction, settings.rank).to(device)
+    cfg = config(options, "wecolora [student]", steps=settings.student_steps, lr=settings.student_lr,
+                 warmup_steps=settings.student_warmup_steps)
     result = fit(DistillTask(student, teacher, size), data.Batches(few_shot, min(batch_size, len(few_shot)),
                                                                    options.seed), cfg, out / "student",
-                 resume=options.resume)
+                 resume=options.resume, settings=identity)
 
     resize = _Resize(teacher, size)
     teacher_tokens, *_ = _features(teacher, resize, held_out, device)
@@ -188,7 +235,7 @@ def run(options: Options) -> dict:
                      "linear-probe accuracy": linear_probe(x_train, y_train, x_test, y_test, num_classes)})
     report = {"recipe": "wecolora", "data": source, "teacher": origin, "few-shot images": len(few_shot),
               "probe train / held-out images": f"{len(probe_train)} / {len(held_out)}",
-              "reduction factor": REDUCTION, "LoRA rank": RANK, "device": str(device),
+              "reduction factor": settings.reduction, "LoRA rank": settings.rank, "device": str(device),
               "backend": options.backend or "auto", "world size": result.world,
               "student distillation images/s": result.items_per_s, "rows": rows}
-    return finish(report, out)
+    return finish(report, out, settings)
