@@ -9,6 +9,19 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+    # kdfast.patch / kdfast.unpatch, imported on first use so that `import kdfast` stays light. Importing the
+    # submodule kdfast/patch.py binds the name `patch` to the module: the function takes the name back (use
+    # `from kdfast.patch import ...` for the module's other names).
+    if name in ("patch", "unpatch", "PatchReport"):
+        import importlib
+
+        module = importlib.import_module("kdfast.patch")
+        globals().update(patch=module.patch, unpatch=module.unpatch, PatchReport=module.PatchReport)
+        return globals()[name]
+    raise AttributeError(f"module 'kdfast' has no attribute {name!r}")
+
+
 def info() -> dict[str, str]:
     """Backends and versions of this install: each backend maps to "available" or the reason it is not."""
     import importlib

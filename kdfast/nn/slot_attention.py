@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from kdfast import ops
@@ -85,6 +86,30 @@ class SlotAttention(nn.Module):
         """The parameters of one iteration, by state_dict key (the ``params`` of kdfast.ops.slot_attention)."""
         skip = ("to_k.", "to_v.", "norm_features.")
         return {name: p for name, p in self.named_parameters() if not name.startswith(skip)}
+
+    def step(self, slots: Tensor, keys: Tensor, values: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One iteration, as videosaur's ``step``: ``(slots (B, K, D), attention (B, K, N))`` from slots
+        (B, K, D) and the projected keys and values (B, N, kvq_dim). ``masks`` (B, K) boolean, True for slots left
+        out of the competition (their logits are -inf before the softmax over slots, so they attend to nothing
+        but eps); kdfast.ops has no masked core, so a masked step runs in plain PyTorch."""
+        if masks is None:
+            return ops.slot_attention(
+                slots, keys, values, self.iteration_params(), 1, scale=self.scale, eps=self.eps,
+                gru_hidden=self.gru_hidden, backend=self.backend, fused=self.fused,
+            )
+        if not isinstance(masks, Tensor) or masks.dtype != torch.bool or masks.shape != slots.shape[:2]:
+            raise ValueError(f"masks must be a boolean tensor (B, K) = {tuple(slots.shape[:2])}, got {masks!r:.80}")
+        normed = self.norm_slots(slots)
+        logits = torch.einsum("bkd,bnd->bkn", self.to_q(normed), keys) * self.scale
+        attn = logits.masked_fill(masks.unsqueeze(-1), float("-inf")).softmax(dim=1)
+        weights = (attn + self.eps) / (attn + self.eps).sum(-1, keepdim=True)
+        updates = torch.einsum("bkn,bnd->bkd", weights, values)
+        hidden = normed if self.gru_hidden == "normed" else slots
+        if self.gru is not None:
+            new = self.gru(updates.flatten(0, 1), hidden.flatten(0, 1)).unflatten(0, slots.shape[:2])
+        else:
+            new = hidden + updates
+        return (new if self.mlp is None else self.mlp(new)), attn
 
     def forward(self, slots: Tensor, features: Tensor, n_iters: int | None = None) -> dict[str, Tensor]:
         features = self.norm_features(features)
