@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     except TrainingInterrupted as stop:
         where = f"; checkpoint: {stop.path} (continue with --resume)" if stop.path else ""
-        print(f"kdfast: interrupted after step {stop.step}{where}", file=sys.stderr)
-        return 130
+        print(f"kdfast: {signal.Signals(stop.signum).name}: stopped after step {stop.step}{where}", file=sys.stderr)
+        return 128 + stop.signum
     except Stopped as stop:
         return _fail(stop, debug, f"stopped by {stop.args[0]} outside a training phase (--resume continues from "
                      "the last checkpoint)", 128 + stop.signum)

@@ -101,9 +101,9 @@ class NonFiniteLoss(RuntimeError):
 class TrainingInterrupted(KeyboardInterrupt):
     """Raised after Ctrl-C (or SIGTERM) once the checkpoint of the last finished step is written."""
 
-    def __init__(self, step: int, path: Path | None):
+    def __init__(self, step: int, path: Path | None, signum: int = signal.SIGINT):
         super().__init__(f"interrupted after step {step}" + (f"; checkpoint written to {path}" if path else ""))
-        self.step, self.path = step, path
+        self.step, self.path, self.signum = step, path, signum
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -138,14 +138,14 @@ class _StopOnSignal:
     """First Ctrl-C/SIGTERM: finish the step, checkpoint and stop. Second Ctrl-C: stop at once."""
 
     def __init__(self, enabled: bool):
-        self.requested = False
+        self.requested, self.signum = False, signal.SIGINT
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         if signum == signal.SIGINT:  # someone at a terminal: say that the step is being finished (a scheduler's
             # SIGTERM gets only the final line)
             print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort without one)",
@@ -226,7 +226,10 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
     resume_from = (ckpt_path if resume is True else Path(resume) if resume else None)
     if resume_from is not None and (resume is not True or resume_from.exists()):
         state = checkpoint.load(resume_from)
-        checkpoint.check_settings(resume_from, state.get("settings"), identity)
+        stored_run = {k: state.get("config", {}).get(k) for k in RUN_FIELDS}
+        stored_settings = state.get("settings") if settings is not None else {}
+        checkpoint.check_settings(resume_from, None if stored_settings is None else {**stored_run, **stored_settings},
+                                  identity)
         try:
             task.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -260,7 +263,7 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
         rate = _rate(timed_items, timed_from) or stored.get("items_per_s")
         return checkpoint.save(ckpt_path, step=step, model=task.state_dict(), optimizer=optimizer.state_dict(),
                                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), rng=rng,
-                               config=asdict(config), settings=identity, world=context.world,
+                               config=asdict(config), settings=settings, world=context.world,
                                final_loss=final_loss, items_per_s=rate)
 
     result = Result(first_step=start, step=start, device=str(device), world=context.world)
@@ -308,7 +311,7 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
                 if stopping:
                     progress.close()
                     distributed.barrier(context)
-                    raise TrainingInterrupted(result.step, result.checkpoint)
+                    raise TrainingInterrupted(result.step, result.checkpoint, stop.signum)
             _flush(pending, result, log, progress, timed_from, timed_items, guard)
         finally:
             progress.close()

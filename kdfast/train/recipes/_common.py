@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +73,7 @@ def prepare(options: Options, recipe: str, cls) -> tuple[Any, dict, Path]:
             checkpoint.check_settings(path, checkpoint.load(path).get("settings"), identity)
     if os.environ.get("RANK", "0") == "0":
         print(f"kdfast train {recipe}: " + ", ".join(f"{k}={v}" for k, v in _settings.as_dict(settings).items()),
-              file=sys.stderr, flush=True)
+              flush=True)
     return settings, identity, out
 
 
