@@ -40,11 +40,10 @@ LINEARS = {"qkv": (C, 3 * C), "fc1": (C, HIDDEN), "fc2": (HIDDEN, C)}
 RANKS = (4, 16, 128)
 PASSES = ("fwd", "fwd+bwd")
 SCALE = 2.0  # PEFT's lora_alpha / r with lora_alpha = 2r; any non-1 value, so the scaling multiply is paid
-KERNEL = "_lora_linear_forward"
 
 
 def implementations(pass_name: str) -> list[str]:
-    names = ["eager", "compile"] + [f"kdfast-{b}" for b in kdfast_backends(KERNEL, lora_ops._IMPLEMENTED)]
+    names = ["eager", "compile"] + [f"kdfast-{b}" for b in kdfast_backends("lora_linear")]
     return names + ["base"] + (["merged"] if pass_name == "fwd" else [])
 
 

@@ -21,7 +21,6 @@ from kdfast import reference
 
 from .conftest import DEVICE, DTYPE, implementation_names, make_implementation, measure, synchronize
 
-# kdfast.ops.slot_attention is the function (re-exported by kdfast.ops); the module holds _IMPLEMENTED.
 slot_attention_ops = importlib.import_module("kdfast.ops.slot_attention")
 
 # SlotContrast configs (design.md 3.1), batch 64 per GPU: (B, N tokens, inp_dim, slot dim D, K slots). The
@@ -120,7 +119,7 @@ def cost(B, N, inp_dim, D, K, iters, backward) -> tuple[int, int]:
 
 
 def _implementations(op_name: str) -> list[str]:
-    names = implementation_names("_slot_attention_core_forward", slot_attention_ops._IMPLEMENTED)
+    names = implementation_names("slot_attention_core")
     if op_name != "slot_attention_core" and "kdfast-triton" in names:  # the step before the fused iterations
         names.insert(names.index("kdfast-triton") + 1, "kdfast-triton-loop")
     return names

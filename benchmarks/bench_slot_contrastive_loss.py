@@ -20,7 +20,6 @@ from kdfast import reference
 
 from .conftest import DEVICE, DTYPE, implementation_names, make_implementation, measure, synchronize
 
-# kdfast.ops.slot_contrastive_loss is the function (re-exported by kdfast.ops); the module holds _IMPLEMENTED.
 contrastive_ops = importlib.import_module("kdfast.ops.slot_contrastive_loss")
 
 # SlotContrast configs (design.md 3.1): batch 64 per GPU, clips of 4 frames; the slots of the batch are pooled
@@ -61,7 +60,7 @@ CASES = [
     pytest.param(pass_name, preset, impl, id=f"slot_contrastive_loss-{pass_name}-{preset}-{impl}")
     for pass_name in PASSES
     for preset in PRESETS
-    for impl in implementation_names("_slot_contrastive_loss_forward", contrastive_ops._IMPLEMENTED)
+    for impl in implementation_names("slot_contrastive_loss")
 ]
 
 

@@ -34,7 +34,7 @@ class Op:
 
     reference: Callable  # (x, y) -> output: the eager baseline, also what torch.compile compiles
     kdfast: Callable  # (x, y, backend=...) -> output
-    kernel: str  # compiled forward kernel, to tell which backends this build has
+    op: str  # the op whose backend table (kdfast._backend) tells which backends this build has
     pairwise: bool  # output (B, K, M) with gradients for both inputs; else a scalar loss, gradient for x only
     hungarian: bool = False
 
@@ -56,20 +56,20 @@ OPS = {
     "slot_match_loss[index]": Op(
         reference_index_loss,
         functools.partial(kdfast.ops.slot_match_loss, matching="index"),
-        "_slot_match_loss_forward",
+        "slot_match_loss",
         pairwise=False,
     ),
     "slot_match_loss[hungarian]": Op(
         reference_hungarian_loss,
         functools.partial(kdfast.ops.slot_match_loss, matching="hungarian"),
-        "_slot_match_loss_forward",
+        "slot_match_loss",
         pairwise=False,
         hungarian=True,
     ),
     "slot_cosine_similarity": Op(
         reference_cosine_similarity,
         kdfast.ops.slot_cosine_similarity,
-        "_slot_cosine_similarity_forward",
+        "slot_cosine_similarity",
         pairwise=True,
     ),
 }
@@ -110,7 +110,7 @@ CASES = [
     for op_name, op in OPS.items()
     for pass_name in PASSES
     for preset in PRESETS
-    for impl in implementation_names(op.kernel, slot_match_ops._IMPLEMENTED)
+    for impl in implementation_names(op.op)
 ]
 
 

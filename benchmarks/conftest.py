@@ -79,21 +79,21 @@ def pytest_report_header(config):
     return lines
 
 
-def kdfast_backends(kernel: str, implemented: tuple[str, ...]) -> list[str]:
-    """The kdfast backends that can run an op (its compiled forward ``kernel``) on the benchmark device."""
+def kdfast_backends(op: str) -> list[str]:
+    """The backends of ``op``'s table (kdfast._backend) that can run it on the benchmark device."""
     usable = []
     for backend in KDFAST_BACKENDS:
         # Triton on CPU tensors is the interpreter: a correctness tool, orders of magnitude off any fast path.
         if backend == "triton" and DEVICE.type == "cpu":
             continue
-        if _backend.unavailable_reason(backend, kernel, DEVICE.type, implemented) is None:
+        if _backend.unavailable_reason(op, backend, DEVICE.type) is None:
             usable.append(backend)
     return usable
 
 
-def implementation_names(kernel: str, implemented: tuple[str, ...]) -> list[str]:
+def implementation_names(op: str) -> list[str]:
     """Names of the implementations of one op compared on this device, in report order."""
-    return ["eager", "compile"] + [f"kdfast-{backend}" for backend in kdfast_backends(kernel, implemented)]
+    return ["eager", "compile"] + [f"kdfast-{backend}" for backend in kdfast_backends(op)]
 
 
 def make_implementation(name: str, reference_fn: Callable, kdfast_fn: Callable) -> Callable:

@@ -18,6 +18,8 @@ import functools
 import importlib
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -93,10 +95,58 @@ def _has_compiled_kernel(kernel: str, device_type: str) -> bool:
         return False
 
 
-def unavailable_reason(backend: str, kernel: str, device_type: str, implemented: tuple[str, ...]) -> str | None:
-    """Why ``backend`` cannot run the op whose compiled kernel is ``kernel`` on ``device_type``; None if it can."""
-    if backend not in implemented:
-        return f"the op has no {backend} implementation (it has: {', '.join(implemented)})"
+@dataclass(frozen=True)
+class Implementation:
+    """One backend of one op: what runs, what a build must have for it, and the sizes it handles.
+
+    ``forward`` and ``backward`` take the op's own arguments (each op module documents them once, beside its
+    table); ``eager`` is the eager-mode call where it is not the op's default. ``compiled`` names the kdfast._C op whose registration for the device says the extension has this
+    backend (compiled backends only). ``limit(*sizes)`` returns why the sizes exceed this backend, or None.
+    """
+
+    forward: Callable
+    backward: Callable | None = None
+    compiled: str | None = None
+    limit: Callable[..., str | None] | None = None
+    # The eager call, where it differs from the op's default (plain autograd through the reference, or an
+    # autograd.Function that saves what the custom op's backward has to recompute).
+    eager: Callable | None = None
+
+
+def extension_op(name: str) -> Callable:
+    """A call of kdfast._C's op ``name``, looked up at call time (a build may lack the extension)."""
+    return lambda *args: getattr(torch.ops.kdfast, name)(*args)
+
+
+def triton_launcher(module: str, name: str) -> Callable:
+    """A call of the launcher ``name`` in ``kdfast.kernels.<module>``, imported at call time (importing Triton
+    costs about a second, and a CPU-only install may not have it)."""
+    return lambda *args: getattr(importlib.import_module(f"kdfast.kernels.{module}"), name)(*args)
+
+
+# op name -> {backend name -> Implementation}: filled by the op modules, read by the resolver, tests, benchmarks
+_TABLES: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, table: dict[str, Implementation]) -> dict[str, Implementation]:
+    """Declares ``op``'s backends, fastest-first order aside (that is ``_AUTO_ORDER``); returns the table."""
+    unknown = set(table) - set(BACKENDS[1:])
+    if unknown or "reference" not in table:
+        raise ValueError(f"kdfast.{op}: backends must be among {BACKENDS[1:]} and include reference, got {tuple(table)}")
+    _TABLES[op] = table
+    return table
+
+
+def implementations(op: str) -> dict[str, Implementation]:
+    """The backends ``op`` declares (its table)."""
+    return _TABLES[op]
+
+
+def unavailable_reason(op: str, backend: str, device_type: str) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device_type`` tensors in this install; None if it can."""
+    table = _TABLES[op]
+    if backend not in table:
+        return f"the op has no {backend} implementation (it has: {', '.join(table)})"
     if backend == "reference":
         return None
     if backend == "triton":
@@ -112,6 +162,7 @@ def unavailable_reason(backend: str, kernel: str, device_type: str, implemented:
         return f"the {backend} backend runs on {wanted} tensors, got {device_type} tensors"
     if extension_error() is not None:
         return extension_error()
+    kernel = table[backend].compiled
     if not _has_compiled_kernel(kernel, device_type):
         return (f"kdfast._C was built without the {device_type} kernel {kernel} (built from older sources? "
                 "rebuild with `pip install --no-build-isolation -e .`)")
@@ -124,31 +175,40 @@ def _warn_once(op: str, backend: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _auto(op: str, kernel: str, device_type: str, implemented: tuple[str, ...]) -> str:
-    order = _AUTO_ORDER.get(device_type, ("reference",))
+def _auto(op: str, device_type: str, sizes: tuple[int, ...] = (), skip: str | None = None) -> str:
+    """The fastest backend that runs ``op`` here (at ``sizes``, other than ``skip``); warns once when a compiled
+    backend the op has is missing from this build."""
+    table = _TABLES[op]
+    order = [b for b in _AUTO_ORDER.get(device_type, ("reference",)) if b in table and b != skip]
     for backend in order:
-        if backend in implemented and unavailable_reason(backend, kernel, device_type, implemented) is None:
-            # A compiled kernel the op has but the build lacks is worth one loud warning.
-            best = next(b for b in order if b in implemented)
-            if best != backend:
-                reason = unavailable_reason(best, kernel, device_type, implemented)
+        if unavailable_reason(op, backend, device_type) is None and _exceeds(op, backend, sizes) is None:
+            best = order[0]
+            if best != backend and unavailable_reason(op, best, device_type) is not None:
+                reason = unavailable_reason(op, best, device_type)
                 _warn_once(op, best, f"kdfast.{op}: {best} backend unavailable ({reason}); using {backend}")
             return backend
     raise AssertionError("the reference backend is always available")
 
 
+def _exceeds(op: str, backend: str, sizes: tuple[int, ...]) -> str | None:
+    limit = _TABLES[op][backend].limit
+    return None if limit is None or not sizes else limit(*sizes)
+
+
 # Resolved when torch.compile traces a call, then baked into the graph: selection is not a graph break.
 @torch.compiler.assume_constant_result
-def resolve(op: str, kernel: str, requested: str | None, device_type: str, implemented: tuple[str, ...]) -> str:
+def resolve(op: str, requested: str | None, device_type: str, sizes: tuple[int, ...] = ()) -> str:
     """The concrete backend for one call of ``op``.
 
     Args:
-        op: public op name, used in messages (``"slot_match_loss"``).
-        kernel: name of the op's forward kernel in the compiled extension (``"_slot_match_loss_forward"``),
-            used to tell whether the build has it for this device.
+        op: public op name, the key of its table (``"slot_match_loss"``), used in messages.
         requested: ``backend=`` argument, or None to use ``KDFAST_BACKEND`` (default ``auto``).
         device_type: ``"cpu"`` or ``"cuda"``: where the op's tensors are.
-        implemented: the backends this op has.
+        sizes: the sizes the backends' limits read (each op documents which); () skips the limits.
+
+    A backend asked for by ``backend=`` that cannot run the call (unavailable, or the sizes exceed its limit)
+    raises a ValueError naming the reason and the backend ``auto`` would take instead; one asked for by
+    ``KDFAST_BACKEND`` falls back to that backend with one warning.
     """
     from_env = requested is None
     if from_env:
@@ -156,21 +216,27 @@ def resolve(op: str, kernel: str, requested: str | None, device_type: str, imple
     key = (op, requested, from_env, device_type)
     chosen = _resolved.get(key)
     if chosen is None:
-        chosen = _resolved[key] = _resolve(op, kernel, requested, from_env, device_type, implemented)
-    return chosen
+        chosen = _resolved[key] = _resolve(op, requested, from_env, device_type)
+    reason = _exceeds(op, chosen, sizes)
+    if reason is None:
+        return chosen
+    fallback = _auto(op, device_type, sizes, skip=chosen)
+    if requested == chosen and not from_env:
+        raise ValueError(f"kdfast.{op}: {reason}; use backend={fallback!r}")
+    return fallback
 
 
-def _resolve(op: str, kernel: str, requested: str, from_env: bool, device_type: str, implemented: tuple[str, ...]) -> str:
+def _resolve(op: str, requested: str, from_env: bool, device_type: str) -> str:
     if requested not in BACKENDS:
         source = "KDFAST_BACKEND" if from_env else "backend"
         raise ValueError(f"kdfast.{op}: {source} must be one of {', '.join(BACKENDS)}; got {requested!r}")
     if requested == "auto":
-        return _auto(op, kernel, device_type, implemented)
-    reason = unavailable_reason(requested, kernel, device_type, implemented)
+        return _auto(op, device_type)
+    reason = unavailable_reason(op, requested, device_type)
     if reason is None:
         return requested
     if from_env:
-        chosen = _auto(op, kernel, device_type, implemented)
+        chosen = _auto(op, device_type)
         _warn_once(op, requested, f"kdfast.{op}: KDFAST_BACKEND={requested} cannot run here ({reason}); using {chosen}")
         return chosen
     raise ValueError(f"kdfast.{op}: backend={requested!r} cannot run here: {reason}. Use backend='auto' or 'reference'.")

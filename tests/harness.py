@@ -36,9 +36,11 @@ def _cases() -> list:
 CASES = _cases()
 
 
-def implemented_cases(implemented: tuple[str, ...]) -> list:
-    """The (device, backend) cases of an op that has the ``implemented`` backends."""
-    return [case for case in CASES if case.values[1] in implemented]
+def implemented_cases(op: str) -> list:
+    """The (device, backend) cases of the backends ``op``'s table declares (kdfast._backend)."""
+    import kdfast.ops  # noqa: F401 - importing the ops registers their tables
+
+    return [case for case in CASES if case.values[1] in _backend.implementations(op)]
 
 
 def rand(*shape, dtype=torch.float32, device="cpu") -> torch.Tensor:

@@ -22,7 +22,7 @@ def _fresh_warnings(monkeypatch):
 
 
 def resolve_match_loss(requested, device_type="cpu"):
-    return _backend.resolve("slot_match_loss", "_slot_match_loss_forward", requested, device_type, slot_match._IMPLEMENTED)
+    return _backend.resolve("slot_match_loss", requested, device_type)
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="outside CI a machine without a compiler may lack kdfast._C")

@@ -10,7 +10,7 @@ from harness import assert_close, dtypes, grads_of, implemented_cases, leaf, ran
 from kdfast import ops, reference
 from kdfast.ops import lora
 
-CASES = implemented_cases(lora._IMPLEMENTED)
+CASES = implemented_cases("lora_linear")
 # (leading shape of x, in_features I, out_features O, rank r): ranks 1, 7, 64 (over I) and 128, odd I and O,
 # x of shape (I,), (N, I), (B, T, I) and (B, T, S, I), singletons.
 LINEAR_SHAPES = [

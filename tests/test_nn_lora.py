@@ -19,7 +19,7 @@ from kdfast.ops import lora
 
 peft = pytest.importorskip("peft")
 
-CASES = implemented_cases(lora._IMPLEMENTED)
+CASES = implemented_cases("lora_linear")
 # (in_features, out_features, r, lora_alpha, use_rslora): ranks 1, 7 and 128, odd sizes, rsLoRA.
 CONFIGS = [(13, 11, 1, 8, False), (33, 21, 7, 16, True), (130, 67, 128, 32, False)]
 

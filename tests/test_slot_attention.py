@@ -8,13 +8,12 @@ import pytest
 import torch
 from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
 
-from kdfast import ops, reference
+from kdfast import _backend, ops, reference
 from kdfast.nn import SlotAttention
 
-# kdfast.ops.slot_attention is the function (re-exported by kdfast.ops); the module holds _IMPLEMENTED.
 slot_attention_module = importlib.import_module("kdfast.ops.slot_attention")
 
-CASES = implemented_cases(slot_attention_module._IMPLEMENTED)
+CASES = implemented_cases("slot_attention_core")
 # (B, K, N, D, Dv): singletons, N = 1, K = 1, D not a power of two (48, 96), N not a multiple of a tile (37),
 # values of another width than the keys, the SlotContrast movi-c slot count (11), the Triton limits (K = 64,
 # D = Dv = 256), and N = 300 over two of the cpp backend's 256-token tiles (the second one partial).
@@ -659,7 +658,7 @@ def test_triton_tiles_and_chunks_cover_every_token(device, backend, return_attn)
 
 
 @pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "triton"])
-def test_triton_limits_name_the_fallback(device, backend):
+def test_triton_limits_name_the_fallback(device, backend, monkeypatch):
     kernels = importlib.import_module("kdfast.kernels.slot_attention")
     q = rand(1, kernels.MAX_SLOTS + 1, 8, device=device)
     k, v = rand(1, 5, 8, device=device), rand(1, 5, 8, device=device)
@@ -672,9 +671,10 @@ def test_triton_limits_name_the_fallback(device, backend):
     q, k = rand(1, 64, 256, device=device), rand(1, 5, 256, device=device)
     with pytest.raises(ValueError, match=r"K x max\(D, Dv\) <= 8192"):
         ops.slot_attention_core(q, k, v, backend="triton")
-    # chosen by auto (not requested), the same tile falls back quietly
+    # preferred through KDFAST_BACKEND (not requested), the same tile falls back quietly
+    monkeypatch.setenv("KDFAST_BACKEND", "triton")
     fallback = "cpp" if device == "cpu" else "reference"
-    assert slot_attention_module._within_triton_limit("triton", None, device, 64, 256, 8) == fallback
+    assert _backend.resolve("slot_attention_core", None, device, (64, 256, 8)) == fallback
 
 
 # -------------------------------------------------------------------------- fused iterations (Triton)

@@ -11,9 +11,8 @@ from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases
 
 from kdfast import ops, reference
 
-# kdfast.ops.slot_contrastive_loss is the function (re-exported by kdfast.ops); the module holds _IMPLEMENTED.
 contrastive = importlib.import_module("kdfast.ops.slot_contrastive_loss")
-CASES = implemented_cases(contrastive._IMPLEMENTED)
+CASES = implemented_cases("slot_contrastive_loss")
 # (B, T, K, D): singletons, D not a power of two, S = B*K not a multiple of 16 (10, 21, 17, 33), S over one
 # 16-block and over two (22, 36, 33), D over one Triton chunk.
 SHAPES = [(1, 2, 1, 1), (2, 3, 5, 7), (3, 4, 7, 48), (2, 2, 11, 96), (1, 5, 17, 33), (3, 2, 11, 300)]

@@ -26,52 +26,93 @@ AMP and DDP already handle.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import Tensor
 
 from kdfast import _backend, reference
+from kdfast._backend import Implementation, extension_op, triton_launcher
 from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced
 
-_IMPLEMENTED = ("triton", "cpp", "reference")
 TARGETS = ("batch", "uniform")
-
-
-def _kernels():
-    return importlib.import_module("kdfast.kernels.gini_kl")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The two stages on each backend
 
+# forward(activations, labels, num_classes) -> (class_sums (C, F) float64, counts (C,) int64);
+# backward(grad_class_sums, activations, labels) -> grad_activations
+STATISTICS = _backend.register("gini_kl_statistics", {
+    "triton": Implementation(
+        forward=triton_launcher("gini_kl", "gini_kl_statistics_forward"),
+        backward=triton_launcher("gini_kl", "gini_kl_statistics_backward"),
+    ),
+    "cpp": Implementation(
+        forward=extension_op("_gini_kl_statistics"),
+        backward=extension_op("_gini_kl_statistics_backward"),
+        compiled="_gini_kl_statistics",
+    ),
+    "reference": Implementation(
+        forward=reference.gini_kl_statistics, backward=reference.gini_kl_statistics_backward,
+    ),
+})
+
+
+# gini_kl chains both stages on one backend; the statistics decide what this build has for it
+_backend.register("gini_kl", STATISTICS)
+
+
+def _without_table(finish):
+    """A finish that keeps nothing for its backward: (gini, kl) -> (gini, kl, ())."""
+    return lambda class_sums, counts, uniform, delta: (*finish(class_sums, counts, uniform, delta), ())
+
+
+def _ignoring_table(finish_backward):
+    """A finish backward that recomputes what it needs: the forward's table is dropped."""
+    return lambda grad_gini, grad_kl, class_sums, counts, uniform, delta, table: finish_backward(
+        grad_gini, grad_kl, class_sums, counts, uniform, delta
+    )
+
+
+def _reference_finish(class_sums, counts, uniform, delta):
+    return reference.gini_kl_from_statistics(class_sums, counts, "uniform" if uniform else "batch", delta)
+
+
+def _reference_finish_backward(grad_gini, grad_kl, class_sums, counts, uniform, delta, table=None):
+    target = "uniform" if uniform else "batch"
+    return reference.gini_kl_from_statistics_backward(grad_gini, grad_kl, class_sums, counts, target, delta)
+
+
+# forward(class_sums, counts, uniform, delta) -> (gini, kl, table): table is what the backend's backward can
+# reuse instead of recomputing (may be empty); backward(grad_gini, grad_kl, class_sums, counts, uniform, delta,
+# table or None) -> grad_class_sums
+FROM_STATISTICS = _backend.register("gini_kl_from_statistics", {
+    "triton": Implementation(
+        forward=triton_launcher("gini_kl", "gini_kl_from_statistics_forward"),
+        backward=triton_launcher("gini_kl", "gini_kl_from_statistics_backward"),
+    ),
+    "cpp": Implementation(
+        forward=_without_table(extension_op("_gini_kl_from_statistics")),
+        backward=_ignoring_table(extension_op("_gini_kl_from_statistics_backward")),
+        compiled="_gini_kl_from_statistics",
+    ),
+    "reference": Implementation(forward=_without_table(_reference_finish), backward=_reference_finish_backward),
+})
+
 
 def _statistics(activations: Tensor, labels: Tensor, num_classes: int, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return _kernels().gini_kl_statistics_forward(activations, labels, num_classes)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.kdfast._gini_kl_statistics(activations, labels, num_classes)
-    return reference.gini_kl_statistics(activations, labels, num_classes)
+    return STATISTICS[backend].forward(activations, labels, num_classes)
 
 
 def _statistics_backward(grad_class_sums: Tensor, activations: Tensor, labels: Tensor, backend: str) -> Tensor:
-    if backend == "triton":
-        return _kernels().gini_kl_statistics_backward(grad_class_sums, activations, labels)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.kdfast._gini_kl_statistics_backward(grad_class_sums, activations, labels)
-    return reference.gini_kl_statistics_backward(grad_class_sums, activations, labels)
+    return STATISTICS[backend].backward(grad_class_sums, activations, labels)
 
 
 def _finish(
     class_sums: Tensor, counts: Tensor, target: str, delta: float, backend: str
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """(gini, kl, table): table is what the backend's backward can reuse instead of recomputing (may be empty)."""
-    if backend == "triton":
-        return _kernels().gini_kl_from_statistics_forward(class_sums, counts, target == "uniform", delta)
-    if backend in ("cpp", "cuda"):
-        return *torch.ops.kdfast._gini_kl_from_statistics(class_sums, counts, target == "uniform", delta), ()
-    return *reference.gini_kl_from_statistics(class_sums, counts, target, delta), ()
+    return FROM_STATISTICS[backend].forward(class_sums, counts, target == "uniform", delta)
 
 
 def _finish_backward(
@@ -82,11 +123,7 @@ def _finish_backward(
     grad_gini = zero if grad_gini is None else grad_gini
     grad_kl = zero if grad_kl is None else grad_kl
     args = (grad_gini, grad_kl, class_sums, counts, target == "uniform", delta)
-    if backend == "triton":
-        return _kernels().gini_kl_from_statistics_backward(*args, table or None)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.kdfast._gini_kl_from_statistics_backward(*args)
-    return reference.gini_kl_from_statistics_backward(grad_gini, grad_kl, class_sums, counts, target, delta)
+    return FROM_STATISTICS[backend].backward(*args, table or None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -297,7 +334,7 @@ def gini_kl(
     _check_activations_and_labels(activations, labels, num_classes)
     _validate.choice("target", target, TARGETS)
     delta = _validate.finite("delta", delta, positive=True)
-    chosen = _backend.resolve("gini_kl", "_gini_kl_statistics", backend, activations.device.type, _IMPLEMENTED)
+    chosen = _backend.resolve("gini_kl", backend, activations.device.type)
     args = (activations, labels.long(), num_classes, target, delta, chosen)
     return eager_or_traced(_GiniKL, _gini_kl_traced, *args)
 
@@ -319,7 +356,7 @@ def gini_kl_statistics(
         of the KL term is ill-conditioned in the sums), differentiable in ``activations``; (C,) int64.
     """
     _check_activations_and_labels(activations, labels, num_classes)
-    chosen = _backend.resolve("gini_kl", "_gini_kl_statistics", backend, activations.device.type, _IMPLEMENTED)
+    chosen = _backend.resolve("gini_kl_statistics", backend, activations.device.type)
     args = (activations, labels.long(), num_classes, chosen)
     return eager_or_traced(_GiniKLStatistics, _gini_kl_statistics, *args)
 
@@ -363,7 +400,7 @@ def gini_kl_from_statistics(
             raise ValueError(
                 f"counts must be non-negative with at least one sample in total, got min {low}, sum {total}"
             )
-    chosen = _backend.resolve("gini_kl", "_gini_kl_from_statistics", backend, class_sums.device.type, _IMPLEMENTED)
+    chosen = _backend.resolve("gini_kl_from_statistics", backend, class_sums.device.type)
     args = (class_sums, counts.long(), target, delta, chosen)
     return eager_or_traced(_GiniKLFromStatistics, _gini_kl_from_statistics, *args)
 

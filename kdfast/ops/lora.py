@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast import _backend, reference
+from kdfast._backend import Implementation
 from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced, reference_vjp
-
-_IMPLEMENTED = ("triton", "reference")
 
 
 def _kernels():
@@ -44,7 +43,48 @@ def _dropout_mask(x: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor | 
 
 
 def _reference_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, backend="reference"):
+    # backend: the custom op's last argument, which eager_or_traced passes to the eager call too
     return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, _dropout_mask(x, dropout_p, seed))
+
+
+def _reference_lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, needs):
+    inputs = (x, weight, bias, lora_a, lora_b)
+    return tuple(reference_vjp(_reference_lora_linear, inputs, (grad,), scale, dropout_p, seed, needs=needs))
+
+
+def _triton_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    x2d = x.reshape(-1, x.shape[-1])
+    y = _kernels().lora_linear_forward(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _triton_lora_linear_backward(grad, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, needs):
+    x2d, grad2d = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    grads = _kernels().lora_linear_backward(grad2d, x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, needs)
+    grads = [x.new_empty(0) if g is None else g for g in grads]
+    if grads[0].numel():
+        grads[0] = grads[0].reshape(x.shape)
+    return tuple(grads)
+
+
+def _triton_dropout_limit(numel: int) -> str | None:
+    """The kernels' dropout counters are 32-bit (sizes: x's element count when dropout is active, else none)."""
+    limit = _kernels().MAX_NUMEL
+    return None if numel <= limit else f"the triton backend's dropout handles x with at most {limit} elements, got {numel}"
+
+
+# forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> y; backward(grad, ...same, needs) -> the
+# five gradients (empty where not needed); eager: where not the custom op; limit(numel of x under dropout)
+LORA_LINEAR = _backend.register("lora_linear", {
+    "triton": Implementation(
+        forward=_triton_lora_linear, backward=_triton_lora_linear_backward, limit=_triton_dropout_limit,
+    ),
+    "reference": Implementation(
+        forward=_reference_lora_linear, backward=_reference_lora_linear_backward,
+        # only the reference is cheaper through plain autograd: a kernel's cost dwarfs the custom op's dispatch
+        eager=_reference_lora_linear,
+    ),
+})
 
 
 @torch.library.custom_op("kdfast::lora_linear", mutates_args=())
@@ -52,11 +92,7 @@ def _lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
     scale: float, dropout_p: float, seed: Tensor | None, backend: str,
 ) -> Tensor:
-    if backend == "triton":
-        x2d = x.reshape(-1, x.shape[-1])
-        y = _kernels().lora_linear_forward(x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
-    return _reference_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    return LORA_LINEAR[backend].forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
 
 
 @_lora_linear.register_fake
@@ -70,16 +106,7 @@ def _lora_linear_backward(
     scale: float, dropout_p: float, seed: Tensor | None, needs: list[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x, weight, bias, lora_a, lora_b; an empty tensor where ``needs`` is False or bias is None."""
-    inputs = (x, weight, bias, lora_a, lora_b)
-    if backend == "triton":
-        x2d, grad2d = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        grads = _kernels().lora_linear_backward(grad2d, x2d, weight, bias, lora_a, lora_b, scale, dropout_p, seed, needs)
-        grads = [x.new_empty(0) if g is None else g for g in grads]
-        if grads[0].numel():
-            grads[0] = grads[0].reshape(x.shape)
-        return tuple(grads)
-    grads = reference_vjp(_reference_lora_linear, inputs, (grad,), scale, dropout_p, seed, needs=needs)
-    return tuple(grads)
+    return LORA_LINEAR[backend].backward(grad, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, needs)
 
 
 @_lora_linear_backward.register_fake
@@ -129,19 +156,10 @@ def lora_linear(
     tensors = [t for t in (x, weight, bias, lora_a, lora_b) if t is not None]
     dtype = _validate.compute_dtype(*tensors)
     seed = torch.randint(0, 2**62, ()) if training and dropout_p > 0 else None
-    chosen = _backend.resolve("lora_linear", "_lora_linear_forward", backend, x.device.type, _IMPLEMENTED)
-    if chosen == "triton" and seed is not None and x.numel() > _kernels().MAX_NUMEL:
-        # The kernels' dropout counters are 32-bit.
-        if backend == "triton":
-            raise ValueError(
-                f"kdfast.lora_linear: the triton backend's dropout handles x with at most {_kernels().MAX_NUMEL} "
-                f"elements, got {x.numel()}; use backend='reference' (or dropout_p=0)"
-            )
-        chosen = "reference"
+    chosen = _backend.resolve("lora_linear", backend, x.device.type, () if seed is None else (x.numel(),))
     x, weight, bias, lora_a, lora_b = _validate.cast(dtype, x, weight, bias, lora_a, lora_b)
     args = (x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, chosen)
-    # Only the reference is cheaper through plain autograd; a kernel's cost dwarfs the custom op's dispatch.
-    return eager_or_traced(_reference_lora_linear if chosen == "reference" else _lora_linear, _lora_linear, *args)
+    return eager_or_traced(LORA_LINEAR[chosen].eager or _lora_linear, _lora_linear, *args)
 
 
 def _check_linear(x, weight, bias, lora_a, lora_b, prefix: str = "") -> None:
@@ -182,7 +200,41 @@ def _pairs(a_q, b_q, a_k, b_k, a_v, b_v):
 
 
 def _reference_lora_qkv(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads, backend="reference"):
+    # backend: the custom op's last argument, which eager_or_traced passes to the eager call too
     return reference.lora_qkv(x, w_qkv, b_qkv, *_pairs(a_q, b_q, a_k, b_k, a_v, b_v), scale, num_heads)
+
+
+def _reference_lora_qkv_unaliased(*args):
+    # Three views of one qkv tensor: a custom op's outputs may not alias each other.
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in _reference_lora_qkv(*args))
+
+
+def _reference_lora_qkv_backward(grad_q, grad_k, grad_v, x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale,
+                                 num_heads, needs):
+    inputs = (x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v)
+    return reference_vjp(_reference_lora_qkv, inputs, (grad_q, grad_k, grad_v), scale, num_heads, needs=needs)
+
+
+def _triton_lora_qkv(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads):
+    pairs = _pairs(a_q, b_q, a_k, b_k, a_v, b_v)
+    return _kernels().lora_qkv_forward(x, w_qkv, b_qkv, pairs, scale, num_heads)
+
+
+def _triton_lora_qkv_backward(grad_q, grad_k, grad_v, x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale,
+                              num_heads, needs):
+    pairs = _pairs(a_q, b_q, a_k, b_k, a_v, b_v)
+    grads = _kernels().lora_qkv_backward((grad_q, grad_k, grad_v), x, w_qkv, b_qkv, pairs, scale, num_heads, needs)
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+# forward(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads) -> (q, k, v); backward(grad_q, grad_k,
+# grad_v, ...same, needs) -> the 9 gradients (empty where not needed); eager: where not the custom op
+LORA_QKV = _backend.register("lora_qkv", {
+    "triton": Implementation(forward=_triton_lora_qkv, backward=_triton_lora_qkv_backward),
+    "reference": Implementation(
+        forward=_reference_lora_qkv_unaliased, backward=_reference_lora_qkv_backward, eager=_reference_lora_qkv,
+    ),
+})
 
 
 @torch.library.custom_op("kdfast::lora_qkv", mutates_args=())
@@ -191,12 +243,7 @@ def _lora_qkv(
     a_k: Tensor | None, b_k: Tensor | None, a_v: Tensor | None, b_v: Tensor | None,
     scale: float, num_heads: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        pairs = _pairs(a_q, b_q, a_k, b_k, a_v, b_v)
-        return _kernels().lora_qkv_forward(x, w_qkv, b_qkv, pairs, scale, num_heads)
-    q, k, v = _reference_lora_qkv(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads)
-    # Three views of one qkv tensor: a custom op's outputs may not alias each other.
-    return tuple(t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+    return LORA_QKV[backend].forward(x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v, scale, num_heads)
 
 
 @_lora_qkv.register_fake
@@ -213,11 +260,7 @@ def _lora_qkv_backward(
 ) -> list[Tensor]:
     """Gradients of the 9 tensor inputs in order; an empty tensor where ``needs`` is False or the input is None."""
     inputs = (x, w_qkv, b_qkv, a_q, b_q, a_k, b_k, a_v, b_v)
-    if backend == "triton":
-        pairs = _pairs(a_q, b_q, a_k, b_k, a_v, b_v)
-        grads = _kernels().lora_qkv_backward((grad_q, grad_k, grad_v), x, w_qkv, b_qkv, pairs, scale, num_heads, needs)
-        return [x.new_empty(0) if g is None else g for g in grads]
-    return reference_vjp(_reference_lora_qkv, inputs, (grad_q, grad_k, grad_v), scale, num_heads, needs=needs)
+    return LORA_QKV[backend].backward(grad_q, grad_k, grad_v, *inputs, scale, num_heads, needs)
 
 
 @_lora_qkv_backward.register_fake
@@ -294,9 +337,9 @@ def lora_qkv(
     dtype = _validate.compute_dtype(*named.values())
     flat = _validate.cast(dtype, *flat)
     (b_qkv,) = _validate.cast(dtype, b_qkv)
-    chosen = _backend.resolve("lora_qkv", "_lora_qkv_forward", backend, x.device.type, _IMPLEMENTED)
+    chosen = _backend.resolve("lora_qkv", backend, x.device.type)
     x, w_qkv = _validate.cast(dtype, x, w_qkv)
-    eager = _reference_lora_qkv if chosen == "reference" else _lora_qkv
+    eager = LORA_QKV[chosen].eager or _lora_qkv
     return eager_or_traced(eager, _lora_qkv, x, w_qkv, b_qkv, *flat, scale, num_heads, chosen)
 
 

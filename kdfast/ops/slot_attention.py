@@ -30,34 +30,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast import _backend, reference
+from kdfast._backend import Implementation, extension_op, triton_launcher
 from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced
-
-_IMPLEMENTED = ("triton", "cpp", "reference")
 
 
 def _kernels():
     return importlib.import_module("kdfast.kernels.slot_attention")
 
 
-# Resolved when torch.compile traces (like _backend.resolve): the kernel module's import stays out of the graph.
-@torch.compiler.assume_constant_result
-def _within_triton_limit(backend: str, requested: str | None, device_type: str, K: int, D: int, Dv: int) -> str:
+def _triton_core_limit(K: int, D: int, Dv: int) -> str | None:
     """Triton holds at most ``MAX_SLOTS`` slots and ``MAX_DIM`` features per program, and a (K, D) tile of at
-    most ``MAX_SLOT_TILE`` elements; above, name the fallback."""
-    if backend != "triton":
-        return backend
+    most ``MAX_SLOT_TILE`` elements."""
     kernels = _kernels()
     if kernels.within_limits(K, D, Dv):
-        return backend
-    fallback = "cpp" if device_type == "cpu" else "reference"
-    if requested == "triton":
-        raise ValueError(
-            f"kdfast.slot_attention_core: the triton backend handles K <= {kernels.MAX_SLOTS} slots and D, Dv <= "
-            f"{kernels.MAX_DIM} with K x max(D, Dv) <= {kernels.MAX_SLOT_TILE} (each padded to a power of two), got "
-            f"K={K}, D={D}, Dv={Dv}; use backend={fallback!r}"
-        )
-    return fallback
+        return None
+    return (f"the triton backend handles K <= {kernels.MAX_SLOTS} slots and D, Dv <= {kernels.MAX_DIM} with "
+            f"K x max(D, Dv) <= {kernels.MAX_SLOT_TILE} (each padded to a power of two), got K={K}, D={D}, Dv={Dv}")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -76,21 +65,17 @@ def _reference_forward(q, k, v, scale, eps, return_attn):
     return updates, attn if return_attn else _no_attn(q, k), norm
 
 
+def _reference_backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps):
+    return reference.slot_attention_core_backward(grad_updates, grad_attn, q, k, v, scale, eps)
+
+
 def _kernel_forward(q, k, v, scale, eps, return_attn, backend):
     """(updates, attn or (B, K, 0), norm Z (B, K) in the accumulator dtype)."""
-    if backend == "cpp":
-        return torch.ops.kdfast._slot_attention_core_forward(q, k, v, scale, eps, return_attn)
-    if backend == "triton":
-        return _kernels().slot_attention_core_forward(q, k, v, scale, eps, return_attn)
-    return _reference_forward(q, k, v, scale, eps, return_attn)
+    return CORE[backend].forward(q, k, v, scale, eps, return_attn)
 
 
 def _kernel_backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps, backend):
-    if backend == "cpp":
-        return torch.ops.kdfast._slot_attention_core_backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps)
-    if backend == "triton":
-        return _kernels().slot_attention_core_backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps)
-    return reference.slot_attention_core_backward(grad_updates, grad_attn, q, k, v, scale, eps)
+    return CORE[backend].backward(grad_updates, grad_attn, q, k, v, updates, norm, scale, eps)
 
 
 @torch.library.custom_op("kdfast::slot_attention_core", mutates_args=())
@@ -184,9 +169,28 @@ def _cpp_core(q, k, v, scale, eps, return_attn, backend):
     return updates, attn.to(q.dtype) if return_attn else _no_attn(q, k), norm
 
 
+# forward(q, k, v, scale, eps, return_attn) -> (updates, attn or (B, K, 0), norm (B, K) in the accumulator dtype);
+# backward(grad_updates, grad_attn or None, q, k, v, updates, norm, scale, eps) -> (grad_q, grad_k, grad_v);
+# eager: the same call with the op's trailing backend argument; limit(K, D, Dv)
+CORE = _backend.register("slot_attention_core", {
+    "triton": Implementation(
+        forward=triton_launcher("slot_attention", "slot_attention_core_forward"),
+        backward=triton_launcher("slot_attention", "slot_attention_core_backward"),
+        eager=_SlotAttentionCore,
+        limit=_triton_core_limit,
+    ),
+    "cpp": Implementation(
+        forward=extension_op("_slot_attention_core_forward"),
+        backward=extension_op("_slot_attention_core_backward"),
+        eager=_cpp_core,
+        compiled="_slot_attention_core_forward",
+    ),
+    "reference": Implementation(forward=_reference_forward, backward=_reference_backward, eager=_reference_core),
+})
+
+
 def _core(q, k, v, scale, eps, return_attn, backend):
-    eager = {"reference": _reference_core, "cpp": _cpp_core}.get(backend, _SlotAttentionCore)
-    return eager_or_traced(eager, _slot_attention_core, q, k, v, scale, eps, return_attn, backend)
+    return eager_or_traced(CORE[backend].eager, _slot_attention_core, q, k, v, scale, eps, return_attn, backend)
 
 
 def _check_core_inputs(q: Tensor, k: Tensor, v: Tensor, eps: float) -> float:
@@ -203,11 +207,6 @@ def _check_core_inputs(q: Tensor, k: Tensor, v: Tensor, eps: float) -> float:
     if eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return eps
-
-
-def _resolve(backend: str | None, device_type: str, K: int, D: int, Dv: int) -> str:
-    chosen = _backend.resolve("slot_attention_core", "_slot_attention_core_forward", backend, device_type, _IMPLEMENTED)
-    return _within_triton_limit(chosen, backend, device_type, K, D, Dv)
 
 
 def slot_attention_core(
@@ -240,7 +239,7 @@ def slot_attention_core(
     if not isinstance(return_attn, bool):
         raise TypeError(f"return_attn must be a bool, got {type(return_attn).__name__}")
     dtype = _validate.compute_dtype(q, k, v)
-    chosen = _resolve(backend, q.device.type, q.shape[1], q.shape[2], v.shape[2])
+    chosen = _backend.resolve("slot_attention_core", backend, q.device.type, (q.shape[1], q.shape[2], v.shape[2]))
     q, k, v = _validate.cast(dtype, q, k, v)
     updates, attn, _ = _core(q, k, v, scale, eps, return_attn, chosen)
     return updates, attn if return_attn else None
@@ -450,6 +449,17 @@ def _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_onl
     return s, attn
 
 
+# Backends that can run every iteration in one call instead of the Python loop over the core, each with when it
+# applies: (fused, K, D, Dq, Dv) -> bool. The call takes (slots, k, v, params, n_iters, scale, eps, gru_hidden,
+# grad_last_only) and returns (slots, last masks).
+WHOLE_LOOPS = {
+    # one persistent kernel per batch element each way, where the core's Triton limits hold for the slot width too
+    "triton": (lambda fused, K, D, Dq, Dv: fused and _fits_fused(K, D, Dq, Dv), _fused_iterations),
+    # one call into C++ in eager mode; torch.compile traces the loop, which it can fuse
+    "cpp": (lambda fused, K, D, Dq, Dv: not torch.compiler.is_compiling(), _cpp_iterations),
+}
+
+
 def slot_attention(
     slots: Tensor,
     k: Tensor,
@@ -512,15 +522,13 @@ def slot_attention(
     scale = Dq**-0.5 if scale is None else _validate.finite("scale", scale)
     out = slots.dtype
     acc = _acc(_validate.compute_dtype(slots, k, v, *p.values()))
-    chosen = _resolve(backend, slots.device.type, K, Dq, v.shape[2])
+    chosen = _backend.resolve("slot_attention_core", backend, slots.device.type, (K, Dq, v.shape[2]))
     s, k, v = _validate.cast(acc, slots, k, v)
     p = {key: value if value.dtype == acc else value.to(acc) for key, value in p.items()}
+    applies, whole_loop = WHOLE_LOOPS.get(chosen, (None, None))
     with torch.autocast(slots.device.type, enabled=False):
-        if chosen == "triton" and fused and _fits_fused(K, D, Dq, v.shape[2]):
-            s, attn = _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only)
-            return s.to(out), attn.to(out)
-        if chosen == "cpp" and not torch.compiler.is_compiling():
-            s, attn = _cpp_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only)
+        if whole_loop is not None and applies(fused, K, D, Dq, v.shape[2]):
+            s, attn = whole_loop(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only)
             return s.to(out), attn.to(out)
         for it in range(n_iters):
             last = it == n_iters - 1

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from kdfast import _backend, reference
+from kdfast._backend import Implementation, extension_op, triton_launcher
 from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced, reference_vjp
 
-_IMPLEMENTED = ("triton", "cpp", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 # F.normalize's default, as SlotContrast normalises its slots.
 EPS = reference.CONTRASTIVE_NORMALIZE_EPS
@@ -35,26 +35,19 @@ def _kernels():
     return importlib.import_module("kdfast.kernels.slot_contrastive_loss")
 
 
-# Resolved when torch.compile traces (like _backend.resolve): the kernel module's import stays out of the graph.
-@torch.compiler.assume_constant_result
-def _within_triton_limit(backend: str, requested: str | None, device_type: str, D: int) -> str:
-    """Triton tiles hold at most ``MAX_DIM`` features per slot; above that, name the fallback (or take it)."""
-    if backend != "triton":
-        return backend
+def _triton_dim_limit(D: int) -> str | None:
+    """Triton tiles hold at most ``MAX_DIM`` features per slot."""
     limit = _kernels().MAX_DIM
-    if D <= limit:
-        return backend
-    fallback = "cpp" if device_type == "cpu" else "reference"
-    if requested == "triton":
-        raise ValueError(
-            f"kdfast.slot_contrastive_loss: the triton backend handles slots of at most {limit} features, got D={D}; "
-            f"use backend={fallback!r}"
-        )
-    return fallback
+    return None if D <= limit else f"the triton backend handles slots of at most {limit} features, got D={D}"
 
 
-def _reference_loss(slots, temperature, batch_contrast, reduction, backend):
+def _reference_loss(slots, temperature, batch_contrast, reduction, backend="reference"):
+    # backend: the custom op's last argument, which eager_or_traced passes to the eager call too
     return reference.slot_contrastive_loss(slots, temperature, batch_contrast, reduction)
+
+
+def _reference_backward(grad, slots, temperature, batch_contrast, reduction):
+    return reference_vjp(reference.slot_contrastive_loss, (slots,), (grad,), temperature, batch_contrast, reduction)[0]
 
 
 def _reduce(losses: Tensor, slots: Tensor, batch_contrast: bool, reduction: str) -> Tensor:
@@ -70,24 +63,41 @@ def _reduce(losses: Tensor, slots: Tensor, batch_contrast: bool, reduction: str)
     return losses if losses.dtype == slots.dtype else losses.to(slots.dtype)
 
 
-def _kernel_forward(
-    slots: Tensor, temperature: float, batch_contrast: bool, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(losses, log_odds, negatives_lse): the per-term losses and the per-column statistics of the backward,
-    each (T-1, B*K) in the accumulator dtype."""
-    if backend == "triton":
-        return _kernels().slot_contrastive_loss_forward(slots, temperature, batch_contrast, EPS)
-    return torch.ops.kdfast._slot_contrastive_loss_forward(slots, temperature, batch_contrast, EPS)
+class _Kernels:
+    """One backend's kernels. ``forward(slots, temperature, batch_contrast, eps)`` -> (losses, log_odds,
+    negatives_lse): the per-term losses and the per-column statistics of the backward, each (T-1, B*K) in the
+    accumulator dtype; ``backward(grad_losses (T-1, B, K), slots, log_odds, negatives_lse, temperature,
+    batch_contrast, eps, grad_scale)`` -> the slots' gradient; ``forward_backward`` (optional): the losses and the
+    gradient of their sum in one pass."""
+
+    def __init__(self, forward, backward, forward_backward=None):
+        self.forward, self.backward, self.forward_backward = forward, backward, forward_backward
+
+    def loss(self, slots, temperature, batch_contrast, reduction):
+        losses, _, _ = self.forward(slots, temperature, batch_contrast, EPS)
+        return _reduce(losses, slots, batch_contrast, reduction).contiguous()
+
+    def recomputing_backward(self, grad, slots, temperature, batch_contrast, reduction):
+        # Only the op's inputs reach the custom op's backward: the statistics are recomputed by the forward kernel.
+        _, *stats = self.forward(slots, temperature, batch_contrast, EPS)
+        return _kernel_backward(self, grad, slots, stats, temperature, batch_contrast, reduction)
+
+    def eager(self, slots, temperature, batch_contrast, reduction, backend):
+        fused = self.forward_backward is not None and reduction != "none" and slots.requires_grad and torch.is_grad_enabled()
+        return _SlotContrastiveLoss.apply(slots, temperature, batch_contrast, reduction, self, fused)
+
+    def implementation(self, **entries) -> Implementation:
+        return Implementation(forward=self.loss, backward=self.recomputing_backward, eager=self.eager, **entries)
 
 
 def _kernel_backward(
+    kernels: _Kernels,
     grad: Tensor,
     slots: Tensor,
     stats: tuple[Tensor, Tensor],
     temperature: float,
     batch_contrast: bool,
     reduction: str,
-    backend: str,
 ) -> Tensor:
     """The slots' gradient from the forward's (log_odds, negatives_lse) ``stats``."""
     B, T, K, _ = slots.shape
@@ -98,21 +108,28 @@ def _kernel_backward(
         # Mean and sum reach every term with the same gradient: expand (no copy) and scale inside the kernel.
         grad_losses = grad.expand(T - 1, B, K)
         grad_scale = 1.0 / max((T - 1) * B * K, 1) if reduction == "mean" else 1.0
-    if backend == "triton":
-        return _kernels().slot_contrastive_loss_backward(
-            grad_losses, slots, *stats, temperature, batch_contrast, EPS, grad_scale
-        )
-    return torch.ops.kdfast._slot_contrastive_loss_backward(
-        grad_losses, slots, *stats, temperature, batch_contrast, EPS, grad_scale
-    )
+    return kernels.backward(grad_losses, slots, *stats, temperature, batch_contrast, EPS, grad_scale)
+
+
+# forward(slots, temperature, batch_contrast, reduction) -> loss; backward(grad, slots, temperature,
+# batch_contrast, reduction) -> grad_slots; eager: the same call; limit(D)
+CONTRASTIVE_LOSS = _backend.register("slot_contrastive_loss", {
+    "triton": _Kernels(
+        triton_launcher("slot_contrastive_loss", "slot_contrastive_loss_forward"),
+        triton_launcher("slot_contrastive_loss", "slot_contrastive_loss_backward"),
+    ).implementation(limit=_triton_dim_limit),
+    "cpp": _Kernels(
+        extension_op("_slot_contrastive_loss_forward"),
+        extension_op("_slot_contrastive_loss_backward"),
+        extension_op("_slot_contrastive_loss_forward_backward"),
+    ).implementation(compiled="_slot_contrastive_loss_forward"),
+    "reference": Implementation(forward=_reference_loss, backward=_reference_backward, eager=_reference_loss),
+})
 
 
 @torch.library.custom_op("kdfast::slot_contrastive_loss", mutates_args=())
 def _slot_contrastive_loss(slots: Tensor, temperature: float, batch_contrast: bool, reduction: str, backend: str) -> Tensor:
-    if backend == "reference":
-        return _reference_loss(slots, temperature, batch_contrast, reduction, backend).contiguous()
-    losses, _, _ = _kernel_forward(slots, temperature, batch_contrast, backend)
-    return _reduce(losses, slots, batch_contrast, reduction).contiguous()
+    return CONTRASTIVE_LOSS[backend].forward(slots, temperature, batch_contrast, reduction).contiguous()
 
 
 @_slot_contrastive_loss.register_fake
@@ -127,12 +144,7 @@ def _(slots, temperature, batch_contrast, reduction, backend):
 def _slot_contrastive_loss_backward(
     grad: Tensor, slots: Tensor, temperature: float, batch_contrast: bool, reduction: str, backend: str
 ) -> Tensor:
-    if backend == "reference":
-        args = (temperature, batch_contrast, reduction)
-        return reference_vjp(reference.slot_contrastive_loss, (slots,), (grad,), *args)[0]
-    # Only the op's inputs reach here: the statistics are recomputed by the forward kernel.
-    _, *stats = _kernel_forward(slots, temperature, batch_contrast, backend)
-    return _kernel_backward(grad, slots, stats, temperature, batch_contrast, reduction, backend)
+    return CONTRASTIVE_LOSS[backend].backward(grad, slots, temperature, batch_contrast, reduction)
 
 
 @_slot_contrastive_loss_backward.register_fake
@@ -164,17 +176,15 @@ class _SlotContrastiveLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, slots, temperature, batch_contrast, reduction, backend, fused):
-        ctx.temperature, ctx.batch_contrast, ctx.reduction, ctx.backend = temperature, batch_contrast, reduction, backend
+    def forward(ctx, slots, temperature, batch_contrast, reduction, kernels, fused):
+        ctx.temperature, ctx.batch_contrast, ctx.reduction, ctx.kernels = temperature, batch_contrast, reduction, kernels
         ctx.fused = fused
         if fused:
-            losses, grad = torch.ops.kdfast._slot_contrastive_loss_forward_backward(
-                slots, temperature, batch_contrast, EPS
-            )
+            losses, grad = kernels.forward_backward(slots, temperature, batch_contrast, EPS)
             ctx.save_for_backward(grad)
             ctx.dtype, ctx.count = slots.dtype, losses.numel()
         else:
-            losses, *stats = _kernel_forward(slots, temperature, batch_contrast, backend)
+            losses, *stats = kernels.forward(slots, temperature, batch_contrast, EPS)
             ctx.save_for_backward(slots, *stats)
         return _reduce(losses, slots, batch_contrast, reduction)
 
@@ -186,13 +196,8 @@ class _SlotContrastiveLoss(torch.autograd.Function):
             scale = 1.0 / max(ctx.count, 1) if ctx.reduction == "mean" else 1.0
             return (grad_sum * (grad * scale)).to(ctx.dtype), None, None, None, None, None
         slots, *stats = ctx.saved_tensors
-        args = (ctx.temperature, ctx.batch_contrast, ctx.reduction, ctx.backend)
-        return _kernel_backward(grad, slots, stats, *args), None, None, None, None, None
-
-
-def _eager_loss(slots, temperature, batch_contrast, reduction, backend):
-    fused = backend == "cpp" and reduction != "none" and slots.requires_grad and torch.is_grad_enabled()
-    return _SlotContrastiveLoss.apply(slots, temperature, batch_contrast, reduction, backend, fused)
+        args = (ctx.temperature, ctx.batch_contrast, ctx.reduction)
+        return _kernel_backward(ctx.kernels, grad, slots, stats, *args), None, None, None, None, None
 
 
 def slot_contrastive_loss(
@@ -232,7 +237,6 @@ def slot_contrastive_loss(
     if not isinstance(batch_contrast, bool):
         raise TypeError(f"batch_contrast must be a bool, got {type(batch_contrast).__name__}")
     device_type = slots.device.type
-    chosen = _backend.resolve("slot_contrastive_loss", "_slot_contrastive_loss_forward", backend, device_type, _IMPLEMENTED)
-    chosen = _within_triton_limit(chosen, backend, device_type, slots.shape[3])
-    eager = _reference_loss if chosen == "reference" else _eager_loss
+    chosen = _backend.resolve("slot_contrastive_loss", backend, device_type, (slots.shape[3],))
+    eager = CONTRASTIVE_LOSS[chosen].eager
     return eager_or_traced(eager, _slot_contrastive_loss, slots, temperature, batch_contrast, reduction, chosen)

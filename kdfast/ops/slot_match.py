@@ -20,12 +20,10 @@ import torch
 from torch import Tensor
 
 from kdfast import _backend, reference
+from kdfast._backend import Implementation, extension_op, triton_launcher
 from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced, reference_vjp
 
-_IMPLEMENTED = ("triton", "cpp", "reference")
-# The assignment: scipy (the reference) on CPU tensors, a batched Triton kernel on CUDA tensors.
-_ASSIGNMENT_IMPLEMENTED = ("triton", "reference")
 MATCHINGS = ("index", "hungarian")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -34,41 +32,48 @@ def _kernels():
     return importlib.import_module("kdfast.kernels.slot_match")
 
 
-def _within_triton_limit(op: str, backend: str, requested: str | None, device_type: str, *sizes: int) -> str:
-    """Triton handles at most ``MAX_SLOTS`` slots per program; above that, name the fallback (or take it)."""
-    if backend != "triton":
-        return backend
+def _triton_slot_limit(*slots: int) -> str | None:
     limit = _kernels().MAX_SLOTS
-    if max(sizes) <= limit:
-        return backend
-    fallback = "cpp" if device_type == "cpu" else "reference"
-    if requested == "triton":
-        raise ValueError(
-            f"kdfast.{op}: the triton backend handles at most {limit} slots per batch element, got {max(sizes)}; "
-            f"use backend={fallback!r}"
-        )
-    return fallback
+    if max(slots) <= limit:
+        return None
+    return f"the triton backend handles at most {limit} slots per batch element, got {max(slots)}"
+
+
+def _triton_assignment_limit(K: int, M: int) -> str | None:
+    limit = _kernels().MAX_ASSIGNMENT_SLOTS
+    if max(K, M) <= limit:
+        return None
+    return f"the triton backend handles at most {limit} slots per side, got K={K}, M={M}"
 
 
 # --------------------------------------------------------------------------------------------------------------
 # kdfast::slot_cosine_similarity
+# forward(a, b, eps) -> (B, K, M); backward(grad, a, b, eps) -> (grad_a, grad_b); limit(K, M)
+
+COSINE_SIMILARITY = _backend.register("slot_cosine_similarity", {
+    "triton": Implementation(
+        forward=triton_launcher("slot_match", "slot_cosine_similarity_forward"),
+        backward=triton_launcher("slot_match", "slot_cosine_similarity_backward"),
+        limit=_triton_slot_limit,
+    ),
+    "cpp": Implementation(
+        forward=extension_op("_slot_cosine_similarity_forward"),
+        backward=extension_op("_slot_cosine_similarity_backward"),
+        compiled="_slot_cosine_similarity_forward",
+    ),
+    "reference": Implementation(
+        forward=reference.slot_cosine_similarity,
+        backward=lambda grad, a, b, eps: tuple(reference_vjp(reference.slot_cosine_similarity, (a, b), (grad,), eps)),
+    ),
+})
 
 
 def _cosine_forward(a: Tensor, b: Tensor, eps: float, backend: str) -> Tensor:
-    if backend == "triton":
-        return _kernels().slot_cosine_similarity_forward(a, b, eps)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.kdfast._slot_cosine_similarity_forward(a, b, eps)
-    return reference.slot_cosine_similarity(a, b, eps)
+    return COSINE_SIMILARITY[backend].forward(a, b, eps)
 
 
 def _cosine_backward(grad: Tensor, a: Tensor, b: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return _kernels().slot_cosine_similarity_backward(grad, a, b, eps)
-    if backend in ("cpp", "cuda"):
-        return torch.ops.kdfast._slot_cosine_similarity_backward(grad, a, b, eps)
-    grad_a, grad_b = reference_vjp(reference.slot_cosine_similarity, (a, b), (grad,), eps)
-    return grad_a, grad_b
+    return COSINE_SIMILARITY[backend].backward(grad, a, b, eps)
 
 
 @torch.library.custom_op("kdfast::slot_cosine_similarity", mutates_args=())
@@ -135,8 +140,7 @@ def slot_cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8, *, backend: 
     _check_slots("a", a, "b", b)
     eps = _validate.finite("eps", eps, positive=True)
     dtype = _validate.compute_dtype(a, b)
-    chosen = _backend.resolve("slot_cosine_similarity", "_slot_cosine_similarity_forward", backend, a.device.type, _IMPLEMENTED)
-    chosen = _within_triton_limit("slot_cosine_similarity", chosen, backend, a.device.type, a.shape[1], b.shape[1])
+    chosen = _backend.resolve("slot_cosine_similarity", backend, a.device.type, (a.shape[1], b.shape[1]))
     a, b = _validate.cast(dtype, a, b)
     return eager_or_traced(_SlotCosineSimilarity, _slot_cosine_similarity, a, b, eps, chosen)
 
@@ -145,10 +149,16 @@ def slot_cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8, *, backend: 
 # kdfast::slot_assignment
 
 
+# forward(similarity) -> (B, K) int64; no gradient; limit(K, M). scipy (the reference) on CPU tensors: auto never
+# takes the Triton interpreter.
+ASSIGNMENT = _backend.register("slot_assignment", {
+    "triton": Implementation(forward=triton_launcher("slot_match", "slot_assignment"), limit=_triton_assignment_limit),
+    "reference": Implementation(forward=reference.slot_assignment),
+})
+
+
 def _assign(similarity: Tensor, backend: str) -> Tensor:
-    if backend == "triton":
-        return _kernels().slot_assignment(similarity)
-    return reference.slot_assignment(similarity)
+    return ASSIGNMENT[backend].forward(similarity)
 
 
 @torch.library.custom_op("kdfast::slot_assignment", mutates_args=())
@@ -159,23 +169,6 @@ def _slot_assignment(similarity: Tensor, backend: str) -> Tensor:
 @_slot_assignment.register_fake
 def _(similarity, backend):
     return similarity.new_empty(similarity.shape[:2], dtype=torch.long)
-
-
-# Resolved when torch.compile traces (like _backend.resolve): the kernel module's import stays out of the graph.
-@torch.compiler.assume_constant_result
-def _assignment_backend(requested: str | None, device_type: str, K: int, M: int) -> str:
-    chosen = _backend.resolve("slot_assignment", "_slot_assignment", requested, device_type, _ASSIGNMENT_IMPLEMENTED)
-    if chosen != "triton":
-        return chosen
-    limit = _kernels().MAX_ASSIGNMENT_SLOTS
-    if max(K, M) <= limit:
-        return chosen
-    if requested == "triton":
-        raise ValueError(
-            f"kdfast.slot_assignment: the triton backend handles at most {limit} slots per side, got K={K}, M={M}; "
-            "use backend='reference' (scipy)"
-        )
-    return "reference"
 
 
 def slot_assignment(similarity: Tensor, *, backend: str | None = None) -> Tensor:
@@ -199,7 +192,7 @@ def slot_assignment(similarity: Tensor, *, backend: str | None = None) -> Tensor
     _validate.nonempty("similarity", similarity, "(B, K, M)")
     if similarity.shape[1] > similarity.shape[2]:
         raise ValueError(f"similarity (B, K, M) needs K <= M to give every row a column, got {tuple(similarity.shape)}")
-    chosen = _assignment_backend(backend, similarity.device.type, similarity.shape[1], similarity.shape[2])
+    chosen = _backend.resolve("slot_assignment", backend, similarity.device.type, tuple(similarity.shape[1:]))
     return eager_or_traced(_assign, _slot_assignment, similarity.detach(), chosen)
 
 
@@ -228,28 +221,52 @@ def _reference_slot_match_loss(student, teacher, assignment, reduction, eps):
     return _reduce(_reference_slot_losses(student, teacher, assignment, eps), reduction, student.dtype)
 
 
+def _reference_match_backward(grad, student, teacher, assignment, reduction, eps):
+    args = (assignment, reduction, eps)
+    return reference_vjp(_reference_slot_match_loss, (student, teacher), (grad,), *args, needs=(True, False))[0]
+
+
+def _reduced(per_slot_forward):
+    """A kernel forward of per-slot losses (B, K), followed by the reduction."""
+    def forward(student, teacher, assignment, reduction, eps):
+        return _reduce(per_slot_forward(student, teacher, assignment, eps), reduction, student.dtype)
+    return forward
+
+
+def _scaled(per_slot_backward):
+    """A kernel backward of per-slot losses: mean and sum reach every slot with the same gradient, so the gradient
+    is expanded (no copy) and scaled inside the kernel."""
+    def backward(grad, student, teacher, assignment, reduction, eps):
+        grad_scale = 1.0 / (student.shape[0] * student.shape[1]) if reduction == "mean" else 1.0
+        return per_slot_backward(grad.expand(student.shape[:2]), student, teacher, assignment, eps, grad_scale)
+    return backward
+
+
+# forward(student, teacher, assignment, reduction, eps) -> loss; backward(grad, ...same) -> grad_student;
+# limit(K, M)
+MATCH_LOSS = _backend.register("slot_match_loss", {
+    "triton": Implementation(
+        forward=_reduced(triton_launcher("slot_match", "slot_match_loss_forward")),
+        backward=_scaled(triton_launcher("slot_match", "slot_match_loss_backward")),
+        limit=_triton_slot_limit,
+    ),
+    "cpp": Implementation(
+        forward=_reduced(extension_op("_slot_match_loss_forward")),
+        backward=_scaled(extension_op("_slot_match_loss_backward")),
+        compiled="_slot_match_loss_forward",
+    ),
+    "reference": Implementation(forward=_reference_slot_match_loss, backward=_reference_match_backward),
+})
+
+
 def _match_forward(student: Tensor, teacher: Tensor, assignment: Tensor | None, reduction: str, eps: float, backend: str) -> Tensor:
-    if backend == "triton":
-        losses = _kernels().slot_match_loss_forward(student, teacher, assignment, eps)
-    elif backend in ("cpp", "cuda"):
-        losses = torch.ops.kdfast._slot_match_loss_forward(student, teacher, assignment, eps)
-    else:
-        return _reference_slot_match_loss(student, teacher, assignment, reduction, eps)
-    return _reduce(losses, reduction, student.dtype)
+    return MATCH_LOSS[backend].forward(student, teacher, assignment, reduction, eps)
 
 
 def _match_backward(
     grad: Tensor, student: Tensor, teacher: Tensor, assignment: Tensor | None, reduction: str, eps: float, backend: str
 ) -> Tensor:
-    if backend == "reference":
-        args = (assignment, reduction, eps)
-        return reference_vjp(_reference_slot_match_loss, (student, teacher), (grad,), *args, needs=(True, False))[0]
-    # Mean and sum reach every slot with the same gradient: expand (no copy) and scale inside the kernel.
-    grad_losses = grad.expand(student.shape[:2])
-    grad_scale = 1.0 / (student.shape[0] * student.shape[1]) if reduction == "mean" else 1.0
-    if backend == "triton":
-        return _kernels().slot_match_loss_backward(grad_losses, student, teacher, assignment, eps, grad_scale)
-    return torch.ops.kdfast._slot_match_loss_backward(grad_losses, student, teacher, assignment, eps, grad_scale)
+    return MATCH_LOSS[backend].backward(grad, student, teacher, assignment, reduction, eps)
 
 
 @torch.library.custom_op("kdfast::slot_match_loss", mutates_args=())
@@ -337,8 +354,7 @@ def slot_match_loss(
     dtype = _validate.compute_dtype(student, teacher)
     student, teacher = _validate.cast(dtype, student, teacher.detach())
     device_type = student.device.type
-    chosen = _backend.resolve("slot_match_loss", "_slot_match_loss_forward", backend, device_type, _IMPLEMENTED)
-    chosen = _within_triton_limit("slot_match_loss", chosen, backend, device_type, K, M)
+    chosen = _backend.resolve("slot_match_loss", backend, device_type, (K, M))
     assignment = None
     if matching == "hungarian":
         # The pairing is decided on float32 (or float64) cosines: bf16's 8-bit mantissa would turn near-ties
@@ -347,18 +363,11 @@ def slot_match_loss(
         with torch.no_grad():
             student_wide, teacher_wide = _validate.cast(wide, student, teacher)
             similarity = eager_or_traced(_cosine_forward, _slot_cosine_similarity, student_wide, teacher_wide, eps, chosen)
-            assign = _loss_assignment_backend(chosen, device_type, K, M)
+            # scipy where the loss runs on the reference; else what slot_assignment's auto takes: on CUDA
+            # tensors the batched Triton kernel (no device-to-host copy) within its limit
+            assign = "reference" if chosen == "reference" else _backend.resolve("slot_assignment", "auto", device_type, (K, M))
             assignment = eager_or_traced(_assign, _slot_assignment, similarity, assign)
     return eager_or_traced(_SlotMatchLoss, _slot_match_loss, student, teacher, assignment, reduction, eps, chosen)
-
-
-@torch.compiler.assume_constant_result
-def _loss_assignment_backend(chosen: str, device_type: str, K: int, M: int) -> str:
-    """How slot_match_loss(matching="hungarian") pairs slots: on CUDA tensors the batched Triton kernel (no
-    device-to-host copy), unless the reference was asked for or the slots exceed its limit; else scipy."""
-    if device_type != "cuda" or chosen == "reference" or _backend.triton_error() is not None:
-        return "reference"
-    return "triton" if max(K, M) <= _kernels().MAX_ASSIGNMENT_SLOTS else "reference"
 
 
 def _check_slots(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
