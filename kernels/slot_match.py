@@ -145,12 +145,14 @@ def _slot_cosine_similarity_bwd_kernel(
         mask=mask_k[:, None] & mask_m[None, :], other=0.0,
     ).to(dots.dtype)
     grad_cos = grad * cos
-    # grad_a_i = sum_m grad_scaled[i,m] b_m - coef_a_i a_i (and symmetrically for b); where, not a product
-    # with the indicator, so that a clamped norm drops the term even when r is NaN, as in torch
-    grad_scaled = grad / clamped_ab
-    coef_a = tl.where(norm_a >= eps, tl.sum(grad_cos, axis=1) / clamped_a / clamped_a, 0.0)
-    coef_b = tl.where(norm_b >= eps, tl.sum(grad_cos, axis=0) / clamped_b / clamped_b, 0.0)
-    grad_scaled_t = tl.trans(grad_scaled)
+    # grad_a_i = (sum_m grad[i,m] b^_m - r_i a^_i) / |a_i| with r_i = sum_m grad[i,m] cos[i,m] and the unit vectors
+    # a^ = a / |a|, b^ = b / |b| divided, not multiplied by a rounded reciprocal (symmetrically for b): for parallel
+    # rows (always so at D = 1) the two terms then cancel exactly, the true gradient 0, instead of leaving rounding
+    # noise / |a|. where, not a product with the indicator, so that a clamped norm drops the r term even when it is
+    # NaN, as in torch.
+    r_a = tl.where(norm_a >= eps, tl.sum(grad_cos, axis=1), 0.0)
+    r_b = tl.where(norm_b >= eps, tl.sum(grad_cos, axis=0), 0.0)
+    grad_t = tl.trans(grad)
 
     # pass 2: both gradients, one D chunk at a time
     for d0 in range(0, D, BLOCK_D):
@@ -164,8 +166,10 @@ def _slot_cosine_similarity_bwd_kernel(
         b = tl.load(
             b_ptr + offs_m[:, None] * stride_bm + offs_d[None, :] * stride_bd, mask=mask_md, other=0.0,
         ).to(dots.dtype)
-        grad_a = tl.dot(grad_scaled, b, input_precision="ieee") - coef_a[:, None] * a
-        grad_b = tl.dot(grad_scaled_t, a, input_precision="ieee") - coef_b[:, None] * b
+        a_unit = a / clamped_a[:, None]
+        b_unit = b / clamped_b[:, None]
+        grad_a = (tl.dot(grad, b_unit, input_precision="ieee") - r_a[:, None] * a_unit) / clamped_a[:, None]
+        grad_b = (tl.dot(grad_t, a_unit, input_precision="ieee") - r_b[:, None] * b_unit) / clamped_b[:, None]
         tl.store(
             grad_a_ptr + offs_k[:, None] * stride_gak + offs_d[None, :] * stride_gad,
             grad_a.to(grad_a_ptr.dtype.element_ty), mask=mask_kd,
@@ -273,10 +277,12 @@ def _slot_match_loss_bwd_kernel(
     # grad_losses may be an expanded scalar (stride 0): read through its strides
     g = tl.load(grad_loss_ptr + batch * stride_glb + slot * stride_glk, mask=mask_r, other=0.0)
     g = g.to(dot.dtype) * tl.full([], grad_scale, dot.dtype)
-    # grad_s = coef_t t + coef_s s; where, not a product with the indicator, so that a clamped student
+    # grad_s = -g (t^ - cos s^) / |s| with the unit vectors s^ = s / |s|, t^ = t / |t| divided, not multiplied by a
+    # rounded reciprocal: for parallel rows (always so at D = 1) the difference is then exactly 0, the true
+    # gradient, instead of rounding noise / |s|. where, not a product with the indicator, so that a clamped student
     # norm drops the projection term even when cos is NaN, as in torch
-    coef_t = -g / (clamped_s * clamped_t)
-    coef_s = tl.where(norm_s >= eps, g * cos / clamped_s / clamped_s, 0.0)
+    outer = -g / clamped_s
+    projection = tl.where(norm_s >= eps, cos, 0.0)
 
     # pass 2
     gs_rows = grad_student_ptr + batch * stride_gsb + slot * stride_gsk
@@ -285,7 +291,7 @@ def _slot_match_loss_bwd_kernel(
         mask = mask_r[:, None] & (offs_d < D)[None, :]
         s = tl.load(s_rows[:, None] + offs_d[None, :] * stride_sd, mask=mask, other=0.0).to(dot.dtype)
         t = tl.load(t_rows[:, None] + offs_d[None, :] * stride_td, mask=mask, other=0.0).to(dot.dtype)
-        grad_s = coef_t[:, None] * t + coef_s[:, None] * s
+        grad_s = outer[:, None] * (t / clamped_t[:, None] - projection[:, None] * (s / clamped_s[:, None]))
         tl.store(
             gs_rows[:, None] + offs_d[None, :] * stride_gsd,
             grad_s.to(grad_student_ptr.dtype.element_ty), mask=mask,
