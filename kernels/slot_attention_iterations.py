@@ -25,10 +25,13 @@ inputs, float32 or float64 (the op upcasts half precision first), with IEEE dots
 import triton
 import triton.language as tl
 
-from kdfast.reference import SLOT_ATTENTION_PARAMS
-
 from ._launch import block_size, device_guard, empty_output, is_fp64
 from .slot_attention import MAX_DIM, MAX_SLOT_TILE, MAX_SLOTS, _softmax_over_slots, within_limits
+
+# One iteration's parameters, in the order the launchers take them (None for an absent layer or bias): the slot
+# LayerNorm, the q projection, the GRUCell, and the residual MLP's LayerNorm and two layers.
+PARAMETERS = ("norm_w", "norm_b", "wq", "bq", "w_ih", "w_hh", "b_ih", "b_hh",
+              "mlp_norm_w", "mlp_norm_b", "w1", "b1", "w3", "b3")
 
 # ------------------------------------------------------------------------------------------- layouts
 
@@ -475,25 +478,28 @@ def _geometry(K, D, Dq, Dv):
             "BLOCK_O": 32, "BLOCK_C": 16, "num_warps": 8}
 
 
-def widths(p):
-    """(D, Dq, Dv, Dh, has a GRU, has an MLP) of one iteration's parameters (Dh = 0 without an MLP)."""
-    gru, mlp = "gru.weight_ih" in p, "mlp.layers.1.weight" in p
-    D, Dq = p["norm_slots.weight"].shape[0], p["to_q.weight"].shape[0]
-    return D, Dq, p["gru.weight_ih"].shape[1] if gru else D, p["mlp.layers.1.weight"].shape[0] if mlp else 0, gru, mlp
+def widths(params):
+    """(D, Dq, Dv, Dh, has a GRU, has an MLP) of one iteration's ``params`` (in PARAMETERS order; Dh = 0 without
+    an MLP)."""
+    p = dict(zip(PARAMETERS, params))
+    gru, mlp = p["w_ih"] is not None, p["w1"] is not None
+    D, Dq = p["norm_w"].shape[0], p["wq"].shape[0]
+    return D, Dq, p["w_ih"].shape[1] if gru else D, p["w1"].shape[0] if mlp else 0, gru, mlp
 
 
-def slot_attention_forward(slots, k, v, p, n_iters: int, scale: float, eps: float, ln_eps: float,
+def slot_attention_forward(slots, k, v, params, n_iters: int, scale: float, eps: float, ln_eps: float,
                            hidden_normed: bool, return_attn: bool, act_iters: int):
     """All iterations of a frame: (slots (B, K, D), attn (B, K, N) or (B, K, 0), act).
 
-    slots (B, K, D), k (B, N, Dq), v (B, N, Dv): one dtype (float32 or float64), any strides. p: the
-    iteration's parameters by videosaur state_dict key (SLOT_ATTENTION_PARAMS), contiguous, in that dtype; no
-    "gru.weight_ih" means no GRU, no "mlp.layers.1.weight" no MLP. ``act`` (act_iters, B, K, C) holds the
-    activations of the last ``act_iters`` iterations (1 when no backward follows, or gradients flow through
-    the last iteration only; n_iters for gradients through all).
+    slots (B, K, D), k (B, N, Dq), v (B, N, Dv): one dtype (float32 or float64), any strides. params: the
+    iteration's parameters in PARAMETERS order, contiguous, in that dtype; w_ih None means no GRU, w1 None no
+    MLP, bq / b_ih None no such bias. ``act`` (act_iters, B, K, C) holds the activations of the last
+    ``act_iters`` iterations (1 when no backward follows, or gradients flow through the last iteration only;
+    n_iters for gradients through all), in the columns of :func:`act_layout`.
     """
     (B, K, _), N = slots.shape, k.shape[1]
-    D, Dq, Dv, Dh, gru, mlp = widths(p)
+    p = dict(zip(PARAMETERS, params))
+    D, Dq, Dv, Dh, gru, mlp = widths(params)
     check_limits(K, D, Dq, Dv)
     C = act_layout(D, Dq, Dv, Dh, gru, mlp)["C"][0]
     dtype, device = slots.dtype, slots.device
@@ -502,27 +508,29 @@ def slot_attention_forward(slots, k, v, p, n_iters: int, scale: float, eps: floa
     act = empty_output((act_iters, B, K, C), dtype, device)
     with device_guard(slots):
         _slot_attention_fwd_kernel[(B,)](
-            slots, k, v, *(p.get(name, slots) for name in SLOT_ATTENTION_PARAMS), out, attn, act,
+            slots, k, v, *(slots if t is None else t for t in params), out, attn, act,
             B, K, N, D, Dq, Dv, Dh, C, n_iters, act_iters,
             *slots.stride(), *k.stride(), *v.stride(),
             float(scale), float(eps), float(ln_eps),
-            HAS_Q_BIAS="to_q.bias" in p, HAS_GRU=gru, HAS_GRU_BIAS="gru.bias_ih" in p,
+            HAS_Q_BIAS=p["bq"] is not None, HAS_GRU=gru, HAS_GRU_BIAS=p["b_ih"] is not None,
             HAS_MLP=mlp, HIDDEN_NORMED=hidden_normed, STORE_ATTN=return_attn,
             IS_FP64=is_fp64(dtype), **_geometry(K, D, Dq, Dv),
         )
     return out, attn, act
 
 
-def slot_attention_backward(grad_slots, grad_attn, k, v, p, act, n_iters: int, scale: float, eps: float,
+def slot_attention_backward(grad_slots, grad_attn, k, v, params, act, n_iters: int, scale: float, eps: float,
                             hidden_normed: bool):
     """(dslots, dk, dv, dact): the gradients of the slots entering the first iteration kept in ``act``, of
-    k and v, and of every layer's output in those iterations (for :func:`parameter_grads`).
+    k and v, and of every layer's output in those iterations, in the columns of :func:`dact_layout` (the
+    parameters' gradients are products of ``act`` and ``dact`` columns, which the caller forms).
 
     grad_slots (B, K, D); grad_attn (B, K, N) or None: gradients of the forward's outputs.
     """
     act_iters, B, K, C = act.shape
     N = k.shape[1]
-    D, Dq, Dv, Dh, gru, mlp = widths(p)
+    p = dict(zip(PARAMETERS, params))
+    D, Dq, Dv, Dh, gru, mlp = widths(params)
     C2 = dact_layout(D, Dq, Dv, Dh, gru, mlp)["C"][0]
     dtype, device = act.dtype, act.device
     dslots = empty_output((B, K, D), dtype, device)
@@ -533,8 +541,7 @@ def slot_attention_backward(grad_slots, grad_attn, k, v, p, act, n_iters: int, s
     with device_guard(act):
         _slot_attention_bwd_kernel[(B,)](
             grad_slots, grad_attn if has_grad_attn else grad_slots, k, v,
-            *(p.get(name, act) for name in ("norm_slots.weight", "to_q.weight", "gru.weight_ih", "gru.weight_hh",
-                                               "mlp.layers.0.weight", "mlp.layers.1.weight", "mlp.layers.3.weight")),
+            *(act if p[name] is None else p[name] for name in ("norm_w", "wq", "w_ih", "w_hh", "mlp_norm_w", "w1", "w3")),
             act, dact, dslots, dk, dv,
             B, K, N, D, Dq, Dv, Dh, C, C2, n_iters, act_iters,
             *grad_slots.stride(), *(grad_attn.stride() if has_grad_attn else (0, 0, 0)), *k.stride(), *v.stride(),
@@ -543,41 +550,3 @@ def slot_attention_backward(grad_slots, grad_attn, k, v, p, act, n_iters: int, s
             HAS_GRAD_ATTN=has_grad_attn, IS_FP64=is_fp64(dtype), **_geometry(K, D, Dq, Dv),
         )
     return dslots, dk, dv, dact
-
-
-def parameter_grads(act, dact, p, hidden_normed: bool) -> dict:
-    """The gradient of every parameter in ``p``: sums over the B * K rows of every kept iteration."""
-    rows, drows = act.reshape(-1, act.shape[-1]), dact.reshape(-1, dact.shape[-1])
-    cols, dcols = act_layout(*widths(p)), dact_layout(*widths(p))
-
-    def a(name):
-        start, width = cols[name]
-        return rows[:, start:start + width]
-
-    def d(name):
-        start, width = dcols[name]
-        return drows[:, start:start + width]
-
-    # every bias gradient is a column sum of dact: one reduction for all of them
-    sums = drows.sum(0)
-
-    def summed(name):
-        start, width = dcols[name]
-        return sums[start:start + width]
-
-    grads = {
-        "norm_slots.weight": (d("dx") * a("xhat")).sum(0), "norm_slots.bias": summed("dx"),
-        "to_q.weight": d("dq").t() @ a("x"), "to_q.bias": summed("dq"),
-    }
-    _, _, _, _, gru, mlp = widths(p)
-    if gru:
-        hidden = a("x") if hidden_normed else a("slots")
-        grads.update({"gru.weight_ih": d("dgi").t() @ a("u"), "gru.weight_hh": d("dgh").t() @ hidden,
-                      "gru.bias_ih": summed("dgi"), "gru.bias_hh": summed("dgh")})
-    if mlp:
-        grads.update({
-            "mlp.layers.0.weight": (d("dy") * a("yhat")).sum(0), "mlp.layers.0.bias": summed("dy"),
-            "mlp.layers.1.weight": d("da").t() @ a("y"), "mlp.layers.1.bias": summed("da"),
-            "mlp.layers.3.weight": d("ds").t() @ a("a"), "mlp.layers.3.bias": summed("ds"),
-        })
-    return {name: grad for name, grad in grads.items() if name in p}

@@ -318,9 +318,10 @@ def _fused_kernels():
     return importlib.import_module("kdfast.kernels.slot_attention_iterations")
 
 
-# The fused op takes the iteration's parameters as separate optional arguments, in the order of
-# reference.SLOT_ATTENTION_PARAMS: a list argument's gradient structure trips the custom op's autograd under
-# AOTDispatch.
+# The fused op takes the iteration's parameters as separate optional arguments (a list argument's gradient
+# structure trips the custom op's autograd under AOTDispatch), by state_dict key in the order of
+# reference.SLOT_ATTENTION_PARAMS, which is the kernels' PARAMETERS order (norm_w = norm_slots.weight, ...):
+# the one place where videosaur's keys meet the launchers' names.
 @torch.library.custom_op("kdfast::_slot_attention_iterations_triton", mutates_args=())
 def _slot_attention_iterations_triton(
     slots: Tensor, k: Tensor, v: Tensor,
@@ -338,7 +339,7 @@ def _slot_attention_iterations_triton(
 def _(slots, k, v, *args):
     params, act_iters = args[:-5], args[-1]
     B, K, D = slots.shape
-    C = _fused_kernels().act_layout(*_fused_kernels().widths(_fused_params(params)))["C"][0]
+    C = _fused_kernels().act_layout(*_fused_kernels().widths(params))["C"][0]
     return slots.new_empty(B, K, D), slots.new_empty(B, K, k.shape[1]), slots.new_empty(act_iters, B, K, C)
 
 
@@ -358,25 +359,55 @@ def _slot_attention_iterations_triton_backward(
 @_slot_attention_iterations_triton_backward.register_fake
 def _(grad_slots, grad_attn, k, v, act, *args):
     params = args[:-4]
-    C2 = _fused_kernels().dact_layout(*_fused_kernels().widths(_fused_params(params)))["C"][0]
+    C2 = _fused_kernels().dact_layout(*_fused_kernels().widths(params))["C"][0]
     return grad_slots.new_empty(grad_slots.shape), k.new_empty(k.shape), v.new_empty(v.shape), act.new_empty(*act.shape[:3], C2)
 
 
-def _fused_params(params) -> dict[str, Tensor]:
-    return {name: t for name, t in zip(reference.SLOT_ATTENTION_PARAMS, params) if t is not None}
+def _parameter_grads(act: Tensor, dact: Tensor, params, hidden_normed: bool) -> list[Tensor | None]:
+    """The gradient of each parameter (None where absent), in the fused op's order: products of the kept
+    activations ``act`` and the layer output gradients ``dact`` summed over the B * K rows of every kept
+    iteration, as the kernels' act_layout and dact_layout lay them out."""
+    kernels = _fused_kernels()
+    D, Dq, Dv, Dh, gru, mlp = kernels.widths(params)
+    rows, drows = act.reshape(-1, act.shape[-1]), dact.reshape(-1, dact.shape[-1])
+    cols, dcols = kernels.act_layout(D, Dq, Dv, Dh, gru, mlp), kernels.dact_layout(D, Dq, Dv, Dh, gru, mlp)
+    sums = drows.sum(0)  # every bias gradient is a column sum of dact: one reduction for all of them
+
+    def a(name):
+        start, width = cols[name]
+        return rows[:, start:start + width]
+
+    def d(name):
+        start, width = dcols[name]
+        return drows[:, start:start + width]
+
+    def summed(name):
+        start, width = dcols[name]
+        return sums[start:start + width]
+
+    grads = {"norm_w": (d("dx") * a("xhat")).sum(0), "norm_b": summed("dx"), "wq": d("dq").t() @ a("x"),
+             "bq": summed("dq")}
+    if gru:
+        hidden = a("x") if hidden_normed else a("slots")
+        grads.update({"w_ih": d("dgi").t() @ a("u"), "w_hh": d("dgh").t() @ hidden,
+                      "b_ih": summed("dgi"), "b_hh": summed("dgh")})
+    if mlp:
+        grads.update({"mlp_norm_w": (d("dy") * a("yhat")).sum(0), "mlp_norm_b": summed("dy"),
+                      "w1": d("da").t() @ a("y"), "b1": summed("da"), "w3": d("ds").t() @ a("a"), "b3": summed("ds")})
+    return [None if t is None else grads[name] for name, t in zip(kernels.PARAMETERS, params)]
 
 
 def _fused_forward_kernels(slots, k, v, *args):
     """The fused op's forward (the same arguments) called on the kernels directly."""
     *params, n_iters, scale, eps, hidden_normed, act_iters = args
-    return _fused_kernels().slot_attention_forward(slots, k, v, _fused_params(params), n_iters, scale, eps, _LN_EPS,
+    return _fused_kernels().slot_attention_forward(slots, k, v, params, n_iters, scale, eps, _LN_EPS,
                                                    hidden_normed, True, act_iters)
 
 
 def _fused_backward_kernels(grad_slots, grad_attn, k, v, act, *args):
     """The fused backward op (the same arguments) called on the kernels directly."""
     *params, n_iters, scale, eps, hidden_normed = args
-    return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, _fused_params(params), act,
+    return _fused_kernels().slot_attention_backward(grad_slots, grad_attn, k, v, params, act,
                                                     n_iters, scale, eps, hidden_normed)
 
 
@@ -394,10 +425,9 @@ def _fused_grads(ctx, grad_slots, grad_attn, backward):
         grad_slots = act.new_zeros(act.shape[1], act.shape[2], params[0].shape[0])
     dslots, dk, dv, dact = backward(grad_slots, grad_attn, k, v, act, *params, ctx.n_iters, ctx.scale, ctx.eps,
                                     ctx.hidden_normed)
-    grads = _fused_kernels().parameter_grads(act, dact, _fused_params(params), ctx.hidden_normed)
     # Only gradients through every iteration reach the initial slots (grad_last_only keeps the last one).
-    return (dslots if ctx.act_iters == ctx.n_iters else None), dk, dv, [
-        None if t is None else grads[name] for name, t in zip(reference.SLOT_ATTENTION_PARAMS, params)]
+    dslots = dslots if ctx.act_iters == ctx.n_iters else None
+    return dslots, dk, dv, _parameter_grads(act, dact, params, ctx.hidden_normed)
 
 
 def _fused_setup_context(ctx, inputs, output):
