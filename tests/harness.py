@@ -79,6 +79,56 @@ def dtypes(device: str, backend: str) -> list[torch.dtype]:
     return [torch.float32, torch.float64] + ([] if backend == "triton" else [torch.bfloat16])
 
 
+# The dtypes a test can be parametrised over, in the order their cases are listed, with their test ids.
+DTYPE_IDS = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def dtype_params(*dtypes_: torch.dtype, **values: tuple) -> list:
+    """pytest params of the given dtypes, each with its id (``float32``, ...), for ``parametrize("dtype", ...)``.
+
+    ``values`` gives one more value per dtype, in the same order, for tests that pair each dtype with something
+    (a tolerance, temperatures): ``dtype_params(torch.float32, torch.bfloat16, tol=(1e-5, 2e-2))`` makes the params
+    of ``parametrize(("dtype", "tol"), ...)``.
+    """
+    for name, column in values.items():
+        if len(column) != len(dtypes_):
+            raise ValueError(f"{name} has {len(column)} values for {len(dtypes_)} dtypes")
+    return [pytest.param(dtype, *(column[i] for column in values.values()), id=DTYPE_IDS[dtype])
+            for i, dtype in enumerate(dtypes_)]
+
+
+def _untested_reason(device: str, backend: str, dtype: torch.dtype) -> str:
+    if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
+        return "the Triton interpreter runs on numpy, which has no bfloat16"
+    return f"{backend} on {device} is not tested in {DTYPE_IDS[dtype]}"
+
+
+def dtype_cases(cases: list) -> list:
+    """(device, backend, dtype) params: each (device, backend) case of ``cases`` times each dtype :func:`dtypes`
+    tests it in, with ids like ``cpu-cpp-bfloat16``; for ``parametrize(("device", "backend", "dtype"), ...)``.
+
+    A dtype that another backend is tested in on the same device but this one is not (bfloat16 under the Triton
+    interpreter) is listed as a skip with the reason; the case's own marks (no CUDA device, ...) are kept.
+    """
+    on_device: dict[str, set] = {}
+    for case in cases:
+        device, backend = case.values
+        on_device.setdefault(device, set()).update(dtypes(device, backend))
+    params = []
+    for case in cases:
+        device, backend = case.values
+        tested = dtypes(device, backend)
+        for dtype in DTYPE_IDS:
+            if dtype in tested:
+                marks = list(case.marks)
+            elif dtype in on_device[device]:
+                marks = [*case.marks, pytest.mark.skip(reason=_untested_reason(device, backend, dtype))]
+            else:
+                continue
+            params.append(pytest.param(device, backend, dtype, id=f"{case.id}-{DTYPE_IDS[dtype]}", marks=marks))
+    return params
+
+
 def leaf(x: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
     """A fresh autograd leaf with x's values."""
     return x.detach().requires_grad_(requires_grad)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from harness import TOLERANCE, assert_close, dtypes, implemented_cases, leaf, rand, relative_error
+from harness import TOLERANCE, assert_close, dtype_cases, dtype_params, implemented_cases, leaf, rand, relative_error
 
 from kdfast import ops, reference
 from kdfast.nn.gini_kl import GiniKLLoss
@@ -15,6 +15,7 @@ from kdfast.nn.gini_kl import GiniKLLoss
 gini_kl_module = importlib.import_module("kdfast.ops.gini_kl")
 
 CASES = implemented_cases("gini_kl")
+DTYPE_CASES = dtype_cases(CASES)  # (device, backend, dtype): each case in every dtype it is tested in
 # (B, F, spatial, C): spatial None is the pooled (B, F) input. B = 1, C = 1, F not a multiple of 16, C = 1000
 # with most classes absent, ResNet-like 4x4 and 7x7 maps.
 SHAPES = [
@@ -74,19 +75,19 @@ def check_against_reference(a, labels, C, target, dtype, what, delta=None, backe
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize(("device", "backend"), CASES)
-def test_gini_kl_matches_reference(device, backend, shape, target):
+@pytest.mark.parametrize(("device", "backend", "dtype"), DTYPE_CASES)
+def test_gini_kl_matches_reference(device, backend, dtype, shape, target):
     B, F, spatial, C = shape
-    for dtype in dtypes(device, backend):
-        # Every class present when B >= C; C = 1000 leaves most classes absent (see test_awkward_label_sets too).
-        labels = (torch.arange(B) % C)[torch.randperm(B)] if B >= C else torch.randint(0, C, (B,))
-        labels = labels.to(device)
-        check_against_reference(activations(B, F, spatial, dtype, device), labels, C, target, dtype, f"{dtype}", backend=backend)
+    # Every class present when B >= C; C = 1000 leaves most classes absent (see test_awkward_label_sets too).
+    labels = (torch.arange(B) % C)[torch.randperm(B)] if B >= C else torch.randint(0, C, (B,))
+    labels = labels.to(device)
+    check_against_reference(activations(B, F, spatial, dtype, device), labels, C, target, dtype, f"{dtype}", backend=backend)
 
 
+@pytest.mark.parametrize("dtype", dtype_params(torch.float64, torch.float32))
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_awkward_label_sets(device, backend, target):
+def test_awkward_label_sets(device, backend, target, dtype):
     """A batch of one class, the last class only, every class, int32 labels, classes missing from the batch.
 
     The one-class batches run at delta = 1 (see check_against_reference). Missing classes come last: with the
@@ -103,9 +104,8 @@ def test_awkward_label_sets(device, backend, target):
         ("most classes missing", torch.tensor([0, 0, 2, 2, 2, 5, 0, 5, 2, 999]), 1000),
     ]:
         for spatial in (None, (3, 3)):
-            for dtype in (torch.float64, torch.float32):
-                a = activations(B, F, spatial, dtype, device=device)
-                check_against_reference(a, labels.to(device), C, target, dtype, f"{name} {spatial} {dtype}", backend=backend)
+            a = activations(B, F, spatial, dtype, device=device)
+            check_against_reference(a, labels.to(device), C, target, dtype, f"{name} {spatial} {dtype}", backend=backend)
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -260,27 +260,33 @@ def custom_op_gini_kl(a, labels, num_classes, target, delta, backend):
     return gini.to(a.dtype), kl.to(a.dtype)
 
 
+@pytest.mark.parametrize("dtype", dtype_params(torch.float64, torch.float32))
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_custom_op_autograd_matches_reference(device, backend):
+def test_custom_op_autograd_matches_reference(device, backend, dtype):
     """Eager calls may take a faster path than the custom ops; torch.compile always calls the ops, so their
     autograd formulas (backward custom ops) are checked directly, with gradients of both outputs and of each alone."""
     op = custom_op_gini_kl
     labels = torch.tensor([0, 3, 3, 1, 0, 3, 5, 1], device=device)  # classes 2 and 4 absent
     for spatial in (None, (3, 3)):
         for target in TARGETS:
-            for dtype in (torch.float64, torch.float32):
-                a = activations(8, 21, spatial, dtype, device)
-                a64 = leaf(a.double())
-                outs = op(a, labels, 6, target, 1e-10, backend)
-                refs = reference.gini_kl(a64, labels, 6, target, 1e-10)
-                what = f"{spatial} {target} {dtype}"
-                assert_close(outs[0], refs[0], dtype, f"{what} gini")
-                assert_close(outs[1], refs[1], dtype, f"{what} kl")
-                grad_out = (rand(dtype=dtype, device=device), rand(dtype=dtype, device=device))
-                for used in ((0,), (1,), (0, 1)):
-                    (got,) = torch.autograd.grad([outs[i] for i in used], a, [grad_out[i] for i in used], retain_graph=True)
-                    (want,) = torch.autograd.grad([refs[i] for i in used], a64, [grad_out[i].double() for i in used], retain_graph=True)
-                    assert_close(got, want, dtype, f"{what} outputs {used}: grad")
+            a = activations(8, 21, spatial, dtype, device)
+            a64 = leaf(a.double())
+            outs = op(a, labels, 6, target, 1e-10, backend)
+            refs = reference.gini_kl(a64, labels, 6, target, 1e-10)
+            what = f"{spatial} {target} {dtype}"
+            assert_close(outs[0], refs[0], dtype, f"{what} gini")
+            assert_close(outs[1], refs[1], dtype, f"{what} kl")
+            grad_out = (rand(dtype=dtype, device=device), rand(dtype=dtype, device=device))
+            for used in ((0,), (1,), (0, 1)):
+                (got,) = torch.autograd.grad([outs[i] for i in used], a, [grad_out[i] for i in used], retain_graph=True)
+                (want,) = torch.autograd.grad([refs[i] for i in used], a64, [grad_out[i].double() for i in used], retain_graph=True)
+                assert_close(got, want, dtype, f"{what} outputs {used}: grad")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_custom_op_gradcheck(device, backend):
+    """The custom ops' autograd formulas (see test_custom_op_autograd_matches_reference) in float64 gradcheck."""
+    op = custom_op_gini_kl
     a = leaf(rand(4, 3, 2, 2, dtype=torch.float64, device=device))
     y = torch.tensor([0, 2, 2, 1], device=device)
     for target in TARGETS:
@@ -386,26 +392,26 @@ gini_kl_statistics = gini_kl_module.gini_kl_statistics
 gini_kl_from_statistics = gini_kl_module.gini_kl_from_statistics
 
 
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float64))
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_statistics_match_reference(device, backend):
+def test_statistics_match_reference(device, backend, dtype):
     labels = torch.tensor([4, 0, 4, 2, 0, 4, 1], device=device)  # classes 3 and 5 absent
     for shape in ((7, 70, 9, 9), (7, 19), (7, 5, 1, 3)):
-        for dtype in (torch.float32, torch.float64):
-            a = activations(*shape[:2], shape[2:] or None, dtype, device)
-            class_sums, counts = gini_kl_statistics(a, labels, 6, backend=backend)
-            ref_sums, ref_counts = reference.gini_kl_statistics(a.detach().double(), labels, 6)
-            # float64 for every dtype, to float64 accuracy (float32 inputs are exact in it): the KL gradient is
-            # ill-conditioned in the sums
-            assert class_sums.dtype == torch.float64 and class_sums.shape == (6, shape[1]) and class_sums.is_contiguous()
-            assert counts.dtype == torch.int64 and torch.equal(counts, ref_counts)
-            assert_close(class_sums, ref_sums, torch.float64, f"{shape} {dtype} class sums")
-            assert (class_sums[[3, 5]] == 0).all()  # absent classes: exactly 0
-            grad = rand(6, shape[1], dtype=torch.float64, device=device)
-            (got,) = torch.autograd.grad(class_sums, a, grad)
-            assert got.dtype == dtype
-            a64 = leaf(a.double())
-            (want,) = torch.autograd.grad(reference.gini_kl_statistics(a64, labels, 6)[0], a64, grad)
-            assert_close(got, want, dtype, f"{shape} {dtype} grad of class sums")
+        a = activations(*shape[:2], shape[2:] or None, dtype, device)
+        class_sums, counts = gini_kl_statistics(a, labels, 6, backend=backend)
+        ref_sums, ref_counts = reference.gini_kl_statistics(a.detach().double(), labels, 6)
+        # float64 for every dtype, to float64 accuracy (float32 inputs are exact in it): the KL gradient is
+        # ill-conditioned in the sums
+        assert class_sums.dtype == torch.float64 and class_sums.shape == (6, shape[1]) and class_sums.is_contiguous()
+        assert counts.dtype == torch.int64 and torch.equal(counts, ref_counts)
+        assert_close(class_sums, ref_sums, torch.float64, f"{shape} {dtype} class sums")
+        assert (class_sums[[3, 5]] == 0).all()  # absent classes: exactly 0
+        grad = rand(6, shape[1], dtype=torch.float64, device=device)
+        (got,) = torch.autograd.grad(class_sums, a, grad)
+        assert got.dtype == dtype
+        a64 = leaf(a.double())
+        (want,) = torch.autograd.grad(reference.gini_kl_statistics(a64, labels, 6)[0], a64, grad)
+        assert_close(got, want, dtype, f"{shape} {dtype} grad of class sums")
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -426,26 +432,26 @@ def test_statistics_of_split_batches_add_up(device, backend, target):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float64))
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_from_statistics_matches_reference(device, backend):
+def test_from_statistics_matches_reference(device, backend, dtype):
     C, F = 7, 40
     counts = torch.tensor([3, 0, 1, 5, 0, 2, 1], device=device)
-    for dtype in (torch.float32, torch.float64):
-        class_sums = leaf(rand(C, F, dtype=dtype, device=device).abs() * counts[:, None].to(dtype))
-        for target in TARGETS:
-            out = gini_kl_from_statistics(class_sums, counts, target, backend=backend)
-            ref = reference.gini_kl_from_statistics(class_sums.detach().double(), counts, target)
-            assert all(o.dtype == dtype and o.shape == () for o in out)
-            assert_close(out[0], ref[0], dtype, f"{dtype} {target} gini")
-            assert_close(out[1], ref[1], dtype, f"{dtype} {target} kl")
-            grad_out = (rand(dtype=dtype, device=device), rand(dtype=dtype, device=device))
-            (got,) = torch.autograd.grad(out, class_sums, grad_out)
-            want = reference.gini_kl_from_statistics_backward(*[g.double() for g in grad_out], class_sums.detach().double(), counts, target)
-            assert_close(got, want, dtype, f"{dtype} {target} grad of class sums")
-            assert (got[[1, 4]] == 0).all()  # absent classes: documented as 0
-            ignored = class_sums.detach().clone()
-            ignored[[1, 4]] = 5.0  # rows of absent classes are ignored
-            torch.testing.assert_close(gini_kl_from_statistics(ignored, counts, target, backend=backend), out, rtol=0, atol=0)
+    class_sums = leaf(rand(C, F, dtype=dtype, device=device).abs() * counts[:, None].to(dtype))
+    for target in TARGETS:
+        out = gini_kl_from_statistics(class_sums, counts, target, backend=backend)
+        ref = reference.gini_kl_from_statistics(class_sums.detach().double(), counts, target)
+        assert all(o.dtype == dtype and o.shape == () for o in out)
+        assert_close(out[0], ref[0], dtype, f"{dtype} {target} gini")
+        assert_close(out[1], ref[1], dtype, f"{dtype} {target} kl")
+        grad_out = (rand(dtype=dtype, device=device), rand(dtype=dtype, device=device))
+        (got,) = torch.autograd.grad(out, class_sums, grad_out)
+        want = reference.gini_kl_from_statistics_backward(*[g.double() for g in grad_out], class_sums.detach().double(), counts, target)
+        assert_close(got, want, dtype, f"{dtype} {target} grad of class sums")
+        assert (got[[1, 4]] == 0).all()  # absent classes: documented as 0
+        ignored = class_sums.detach().clone()
+        ignored[[1, 4]] = 5.0  # rows of absent classes are ignored
+        torch.testing.assert_close(gini_kl_from_statistics(ignored, counts, target, backend=backend), out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -521,18 +527,21 @@ def test_triton_kernels_ignore_labels_out_of_range(device, backend):
 # ------------------------------------------------------------------------------------------- gini_impurity
 
 
-def test_gini_impurity_matches_reference():
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float64, torch.bfloat16))
+def test_gini_impurity_matches_reference(dtype):
     for shape, dim in [((5,), 0), ((3, 7), -1), ((3, 7), 0), ((2, 3, 4), 1)]:
-        for dtype in (torch.float32, torch.float64, torch.bfloat16):
-            p = leaf(torch.softmax(rand(*shape), dim).to(dtype))
-            out = gini_kl_module.gini_impurity(p, dim)
-            ref = reference.gini_impurity(p.detach().double(), dim)
-            assert out.dtype == dtype and out.shape == ref.shape
-            assert_close(out, ref, dtype, f"{shape} dim {dim} {dtype}")
-            grad = rand(*ref.shape)
-            (got,) = torch.autograd.grad(out, p, grad.to(dtype))
-            want = -2.0 * p.detach().double() * grad.double().unsqueeze(dim)
-            assert_close(got, want, dtype, f"{shape} dim {dim} {dtype} gradient")
+        p = leaf(torch.softmax(rand(*shape), dim).to(dtype))
+        out = gini_kl_module.gini_impurity(p, dim)
+        ref = reference.gini_impurity(p.detach().double(), dim)
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert_close(out, ref, dtype, f"{shape} dim {dim} {dtype}")
+        grad = rand(*ref.shape)
+        (got,) = torch.autograd.grad(out, p, grad.to(dtype))
+        want = -2.0 * p.detach().double() * grad.double().unsqueeze(dim)
+        assert_close(got, want, dtype, f"{shape} dim {dim} {dtype} gradient")
+
+
+def test_gini_impurity_known_values_and_gradcheck():
     one_hot = torch.eye(4)
     torch.testing.assert_close(gini_kl_module.gini_impurity(one_hot), torch.zeros(4))
     torch.testing.assert_close(gini_kl_module.gini_impurity(torch.full((4,), 0.25)), torch.tensor(0.75))

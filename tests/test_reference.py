@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import dtype_params
 from torch import nn
 
 from kdfast import reference as R
@@ -92,14 +93,13 @@ def test_cosine_similarity_gradcheck():
     assert torch.autograd.gradcheck(R.slot_cosine_similarity, (a, b))
 
 
-def test_cosine_similarity_low_precision_dtype():
+@pytest.mark.parametrize(("dt", "tol"), dtype_params(torch.float32, torch.bfloat16, torch.float16, tol=(1e-5, 2e-2, 2e-2)))
+def test_cosine_similarity_low_precision_dtype(dt, tol):
     a, b = rnd(2, 3, 8, seed=6), rnd(2, 5, 8, seed=7)
     ref = R.slot_cosine_similarity(a, b)
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        out = R.slot_cosine_similarity(a.to(dt), b.to(dt))
-        assert out.dtype == dt
-        tol = 1e-5 if dt == torch.float32 else 2e-2
-        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    out = R.slot_cosine_similarity(a.to(dt), b.to(dt))
+    assert out.dtype == dt
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,16 +398,15 @@ def test_core_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b, c: R.slot_attention_core(a, b, c, eps=1e-3), (q, k, v))
 
 
-def test_core_low_precision_dtype():
+@pytest.mark.parametrize(("dt", "tol"), dtype_params(torch.bfloat16, torch.float16, torch.float32, tol=(3e-2, 3e-2, 1e-5)))
+def test_core_low_precision_dtype(dt, tol):
     g = torch.Generator().manual_seed(43)
     q, k, v = rnd(2, 4, 8, gen=g), rnd(2, 9, 8, gen=g), rnd(2, 9, 8, gen=g)
     U, A = R.slot_attention_core(q, k, v)
-    for dt in (torch.bfloat16, torch.float16, torch.float32):
-        Ul, Al = R.slot_attention_core(q.to(dt), k.to(dt), v.to(dt))
-        assert Ul.dtype == dt and Al.dtype == dt
-        tol = 1e-5 if dt == torch.float32 else 3e-2
-        torch.testing.assert_close(Ul.double(), U, rtol=tol, atol=tol)
-        torch.testing.assert_close(Al.double(), A, rtol=tol, atol=tol)
+    Ul, Al = R.slot_attention_core(q.to(dt), k.to(dt), v.to(dt))
+    assert Ul.dtype == dt and Al.dtype == dt
+    torch.testing.assert_close(Ul.double(), U, rtol=tol, atol=tol)
+    torch.testing.assert_close(Al.double(), A, rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,19 +543,18 @@ def test_slot_attention_step_gradcheck():
     assert torch.autograd.gradcheck(f, (slots, k, v, wq))
 
 
-def test_slot_attention_low_precision_dtype():
+@pytest.mark.parametrize(("dt", "tol"), dtype_params(torch.bfloat16, torch.float32, tol=(5e-2, 1e-5)))
+def test_slot_attention_low_precision_dtype(dt, tol):
+    """Inputs in dt, parameters in float32 (as under autocast): the outputs take the inputs' dtype."""
     m = make_module(seed=57)
     params = dict(m.state_dict())
     g = torch.Generator().manual_seed(58)
     slots, k, v = rnd(2, 4, 6, gen=g), rnd(2, 9, 6, gen=g), rnd(2, 9, 6, gen=g)
     ref, _ref_a = R.slot_attention(slots, k, v, params, n_iters=2)
     p32 = {n: t.float() for n, t in params.items()}
-    s, a = R.slot_attention(slots.bfloat16(), k.bfloat16(), v.bfloat16(), p32, n_iters=2)
-    assert s.dtype == torch.bfloat16 and a.dtype == torch.bfloat16
-    torch.testing.assert_close(s.double(), ref, rtol=5e-2, atol=5e-2)
-    s32, _ = R.slot_attention(slots.float(), k.float(), v.float(), p32, n_iters=2)
-    assert s32.dtype == torch.float32
-    torch.testing.assert_close(s32.double(), ref, rtol=1e-5, atol=1e-5)
+    s, a = R.slot_attention(slots.to(dt), k.to(dt), v.to(dt), p32, n_iters=2)
+    assert s.dtype == dt and a.dtype == dt
+    torch.testing.assert_close(s.double(), ref, rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -731,16 +729,15 @@ def test_gini_kl_gradient_finite_with_absent_classes_and_gradcheck():
         assert torch.autograd.gradcheck(lambda x, target=target: R.gini_kl(x, labels, 5, target), (a,))
 
 
-def test_gini_kl_low_precision_dtype():
+@pytest.mark.parametrize(("dt", "tol"), dtype_params(torch.float32, torch.bfloat16, torch.float16, tol=(1e-5, 2e-2, 2e-2)))
+def test_gini_kl_low_precision_dtype(dt, tol):
     a = rnd(8, 6, 3, 3, seed=73)
     labels = torch.tensor([0, 1, 1, 2, 0, 3, 1, 2])
     gini, kl = R.gini_kl(a, labels, 4)
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        gl, kll = R.gini_kl(a.to(dt), labels, 4)
-        assert gl.dtype == dt and kll.dtype == dt
-        tol = 1e-5 if dt == torch.float32 else 2e-2
-        torch.testing.assert_close(gl.double(), gini, rtol=tol, atol=tol)
-        torch.testing.assert_close(kll.double(), kl, rtol=tol, atol=tol)
+    gl, kll = R.gini_kl(a.to(dt), labels, 4)
+    assert gl.dtype == dt and kll.dtype == dt
+    torch.testing.assert_close(gl.double(), gini, rtol=tol, atol=tol)
+    torch.testing.assert_close(kll.double(), kl, rtol=tol, atol=tol)
 
 
 def test_gini_impurity():
@@ -750,9 +747,10 @@ def test_gini_impurity():
     assert R.gini_impurity(p.float()).dtype == torch.float32
 
 
+@pytest.mark.parametrize(("dt", "tol"), dtype_params(torch.float64, torch.float32, tol=(1e-10, 1e-5)))
 @pytest.mark.parametrize("target", ["batch", "uniform"])
 @pytest.mark.parametrize("shape", [(12, 20, 7, 7), (9, 13), (3, 5, 3, 3)])
-def test_gini_kl_backward_is_autograd_in_float64_and_accurate_in_float32(shape, target):
+def test_gini_kl_backward_is_autograd_in_float64_and_accurate_in_float32(shape, target, dt, tol):
     torch.manual_seed(7)
     C = 1000 if shape[0] == 12 else 6
     a = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -760,8 +758,6 @@ def test_gini_kl_backward_is_autograd_in_float64_and_accurate_in_float32(shape, 
     gg, gk = torch.tensor(0.7, dtype=torch.float64), torch.tensor(-1.3, dtype=torch.float64)
     gini, kl = R.gini_kl(a, y, C, target)
     (want,) = torch.autograd.grad(gg * gini + gk * kl, a)
-    got = R.gini_kl_backward(gg, gk, a.detach(), y, C, target)
-    assert ((got - want).norm() / want.norm()).item() < 1e-10
-    got32 = R.gini_kl_backward(gg.float(), gk.float(), a.detach().float(), y, C, target)
-    assert got32.dtype == torch.float32
-    assert ((got32.double() - want).norm() / want.norm()).item() < 1e-5
+    got = R.gini_kl_backward(gg.to(dt), gk.to(dt), a.detach().to(dt), y, C, target)
+    assert got.dtype == dt
+    assert ((got.double() - want).norm() / want.norm()).item() < tol

@@ -7,12 +7,23 @@ import math
 
 import pytest
 import torch
-from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
+from harness import (
+    TOLERANCE,
+    assert_close,
+    dtype_cases,
+    dtype_params,
+    grads_of,
+    implemented_cases,
+    leaf,
+    rand,
+    relative_error,
+)
 
 from kdfast import ops, reference
 
 contrastive = importlib.import_module("kdfast.ops.slot_contrastive_loss")
 CASES = implemented_cases("slot_contrastive_loss")
+DTYPE_CASES = dtype_cases(CASES)  # (device, backend, dtype): each case in every dtype it is tested in
 # (B, T, K, D): singletons, D not a power of two, S = B*K not a multiple of 16 (10, 21, 17, 33), S over one
 # 16-block and over two (22, 36, 33), D over one Triton chunk.
 SHAPES = [(1, 2, 1, 1), (2, 3, 5, 7), (3, 4, 7, 48), (2, 2, 11, 96), (1, 5, 17, 33), (3, 2, 11, 300)]
@@ -28,23 +39,22 @@ def none_shape(B, T, K, batch_contrast):
 
 @pytest.mark.parametrize("batch_contrast", [True, False], ids=["batch", "per-element"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize(("device", "backend"), CASES)
-def test_loss_matches_reference(device, backend, reduction, batch_contrast):
+@pytest.mark.parametrize(("device", "backend", "dtype"), DTYPE_CASES)
+def test_loss_matches_reference(device, backend, dtype, reduction, batch_contrast):
     for B, T, K, D in SHAPES:
         for temperature in (0.05, 1.0):
-            for dtype in dtypes(device, backend):
-                slots = leaf(rand(B, T, K, D, dtype=dtype, device=device))
-                slots64 = leaf(slots.double())
-                out = ops.slot_contrastive_loss(slots, temperature, batch_contrast, reduction, backend=backend)
-                ref = reference.slot_contrastive_loss(slots64, temperature, batch_contrast, reduction)
-                what = f"{dtype} {(B, T, K, D)} tau={temperature}"
-                assert out.dtype == dtype, what
-                assert out.shape == (() if reduction != "none" else none_shape(B, T, K, batch_contrast)), what
-                assert_close(out, ref, dtype, f"{what} loss")
-                grad_out = rand(*ref.shape, dtype=dtype, device=device)
-                (got,), (want,) = grads_of(out, (slots,), grad_out), grads_of(ref, (slots64,), grad_out)
-                assert got.dtype == dtype
-                assert_close(got, want, dtype, f"{what} grad of slots")
+            slots = leaf(rand(B, T, K, D, dtype=dtype, device=device))
+            slots64 = leaf(slots.double())
+            out = ops.slot_contrastive_loss(slots, temperature, batch_contrast, reduction, backend=backend)
+            ref = reference.slot_contrastive_loss(slots64, temperature, batch_contrast, reduction)
+            what = f"{dtype} {(B, T, K, D)} tau={temperature}"
+            assert out.dtype == dtype, what
+            assert out.shape == (() if reduction != "none" else none_shape(B, T, K, batch_contrast)), what
+            assert_close(out, ref, dtype, f"{what} loss")
+            grad_out = rand(*ref.shape, dtype=dtype, device=device)
+            (got,), (want,) = grads_of(out, (slots,), grad_out), grads_of(ref, (slots64,), grad_out)
+            assert got.dtype == dtype
+            assert_close(got, want, dtype, f"{what} grad of slots")
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -76,32 +86,36 @@ def test_single_frame_has_no_pairs(device, backend, batch_contrast, reduction):
     assert torch.equal(grad, torch.zeros_like(slots))
 
 
+@pytest.mark.parametrize("dtype", dtype_params(torch.float64, torch.float32))
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_identical_slots_across_frames_are_finite(device, backend):
+def test_identical_slots_across_frames_are_finite(device, backend, dtype):
     """A static scene: every frame has the same slots (positives at cosine 1), at the smallest temperature.
     The loss is ~exp(-1/tau) ~ 1e-5 there, the difference of two values ~1/tau = 20 in the paper's form: every
     backend must compute it (and the positive's gradient, p[j, j] - 1) without that cancellation."""
     frame = rand(2, 1, 7, 24, device=device)
-    for dtype in (torch.float64, torch.float32):
-        slots = leaf(frame.expand(2, 4, 7, 24).to(dtype).contiguous())
-        slots64 = leaf(slots.double())
-        for batch_contrast in (True, False):
-            for temperature in (0.05, 1.0):
-                # mean: the fused forward-backward on cpp; none: the forward's statistics, then the backward
-                for reduction in ("mean", "none"):
-                    what = f"{dtype} tau={temperature} batch_contrast={batch_contrast} {reduction}"
-                    out = ops.slot_contrastive_loss(slots, temperature, batch_contrast, reduction, backend=backend)
-                    ref = reference.slot_contrastive_loss(slots64, temperature, batch_contrast, reduction)
-                    assert torch.isfinite(out).all(), what
-                    assert_close(out, ref, dtype, f"{what} loss")
-                    grad_out = rand(*ref.shape, dtype=dtype, device=device).abs()
-                    (got,), (want,) = grads_of(out, (slots,), grad_out), grads_of(ref, (slots64,), grad_out)
-                    assert torch.isfinite(got).all(), what
-                    assert_close(got, want, dtype, f"{what} grad")
+    slots = leaf(frame.expand(2, 4, 7, 24).to(dtype).contiguous())
+    slots64 = leaf(slots.double())
+    for batch_contrast in (True, False):
+        for temperature in (0.05, 1.0):
+            # mean: the fused forward-backward on cpp; none: the forward's statistics, then the backward
+            for reduction in ("mean", "none"):
+                what = f"{dtype} tau={temperature} batch_contrast={batch_contrast} {reduction}"
+                out = ops.slot_contrastive_loss(slots, temperature, batch_contrast, reduction, backend=backend)
+                ref = reference.slot_contrastive_loss(slots64, temperature, batch_contrast, reduction)
+                assert torch.isfinite(out).all(), what
+                assert_close(out, ref, dtype, f"{what} loss")
+                grad_out = rand(*ref.shape, dtype=dtype, device=device).abs()
+                (got,), (want,) = grads_of(out, (slots,), grad_out), grads_of(ref, (slots64,), grad_out)
+                assert torch.isfinite(got).all(), what
+                assert_close(got, want, dtype, f"{what} grad")
 
 
+# float32 only at temperatures where the loss is a normal float32 (see the docstring)
+@pytest.mark.parametrize(
+    ("dtype", "temperatures"), dtype_params(torch.float64, torch.float32, temperatures=((0.01, 0.05, 0.2), (0.05, 0.2)))
+)
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_dominant_positive_loss_is_exp_of_the_log_odds(device, backend):
+def test_dominant_positive_loss_is_exp_of_the_log_odds(device, backend, dtype, temperatures):
     """Orthonormal slots repeated across frames: l[j, j] = 1/tau, every other logit 0, so
     loss = log(1 + (S - 1) exp(-1/tau)) in closed form: ~3e-43 for S = 10 at tau = 0.01, which the paper's
     form (logsumexp - diagonal) rounds to 0 even in float64 (float32 only at temperatures where the loss is a
@@ -109,28 +123,27 @@ def test_dominant_positive_loss_is_exp_of_the_log_odds(device, backend):
     B, T, K, D = 2, 3, 5, 16
     basis = torch.linalg.qr(rand(D, D, dtype=torch.float64, device=device))[0][: B * K]  # (S, D) orthonormal rows
     slots = (basis * rand(B * K, 1, dtype=torch.float64, device=device).abs()).reshape(B, 1, K, D).expand(B, T, K, D)
-    for dtype, temperatures in ((torch.float64, (0.01, 0.05, 0.2)), (torch.float32, (0.05, 0.2))):
-        for tau in temperatures:
-            for batch_contrast in (True, False):
-                S = B * K if batch_contrast else K
-                want = math.log1p((S - 1) * math.exp(-1 / tau))
-                out = ops.slot_contrastive_loss(slots.to(dtype), tau, batch_contrast, "none", backend=backend)
-                assert torch.isfinite(out).all() and (out > 0).all()
-                assert_close(out, torch.full(out.shape, want, dtype=torch.float64), dtype, f"{dtype} tau={tau}")
+    for tau in temperatures:
+        for batch_contrast in (True, False):
+            S = B * K if batch_contrast else K
+            want = math.log1p((S - 1) * math.exp(-1 / tau))
+            out = ops.slot_contrastive_loss(slots.to(dtype), tau, batch_contrast, "none", backend=backend)
+            assert torch.isfinite(out).all() and (out > 0).all()
+            assert_close(out, torch.full(out.shape, want, dtype=torch.float64), dtype, f"{dtype} tau={tau}")
 
 
+@pytest.mark.parametrize("dtype", dtype_params(torch.float64, torch.float32))
 @pytest.mark.parametrize("batch_contrast", [True, False], ids=["batch", "per-element"])
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_single_slot_has_no_negatives(device, backend, batch_contrast):
+def test_single_slot_has_no_negatives(device, backend, batch_contrast, dtype):
     """S == 1 (one slot, no other batch element to contrast with): the softmax has one class, loss 0 and a zero
     gradient, without NaN (the log-sum-exp over no negatives is -inf)."""
-    for dtype in (torch.float64, torch.float32):
-        slots = leaf(rand(1, 4, 1, 9, dtype=dtype, device=device))
-        for reduction in REDUCTIONS:
-            out = ops.slot_contrastive_loss(slots, 0.05, batch_contrast, reduction, backend=backend)
-            assert torch.equal(out, torch.zeros_like(out)), reduction
-            (grad,) = grads_of(out, (slots,), rand(*out.shape, dtype=dtype, device=device))
-            assert torch.equal(grad, torch.zeros_like(grad)), reduction
+    slots = leaf(rand(1, 4, 1, 9, dtype=dtype, device=device))
+    for reduction in REDUCTIONS:
+        out = ops.slot_contrastive_loss(slots, 0.05, batch_contrast, reduction, backend=backend)
+        assert torch.equal(out, torch.zeros_like(out)), reduction
+        (grad,) = grads_of(out, (slots,), rand(*out.shape, dtype=dtype, device=device))
+        assert torch.equal(grad, torch.zeros_like(grad)), reduction
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -188,18 +201,18 @@ def test_triton_tiles_cover_every_slot(device, backend, monkeypatch):
             assert_close(grads_of(out, (slots,), grad_out)[0], grads_of(ref, (slots,), grad_out)[0], torch.float64, "grad")
 
 
-def test_triton_launch_settings():
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.bfloat16, torch.float64))
+def test_triton_launch_settings(dtype):
     """The GPU tiles: powers of two, at least 16 (tl.dot), D in one tile, registers bounded."""
     kernels = importlib.import_module("kdfast.kernels.slot_contrastive_loss")
     cuda = torch.device("cuda")
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for S in (1, 17, 64 * 7, 64 * 11, 64 * 15, 64 * 24):
-            for D in (1, 64, 100, 128, 256, kernels.MAX_DIM):
-                for programs in (1, 3, 192):
-                    own, loop, block_d, num_warps, _ = kernels._blocks(S, D, programs, dtype, cuda)
-                    for block in (own, loop, block_d):
-                        assert block >= 16 and block & (block - 1) == 0
-                    assert block_d >= D and block_d * max(own, loop) <= 16384 and num_warps in (4, 8)
+    for S in (1, 17, 64 * 7, 64 * 11, 64 * 15, 64 * 24):
+        for D in (1, 64, 100, 128, 256, kernels.MAX_DIM):
+            for programs in (1, 3, 192):
+                own, loop, block_d, num_warps, _ = kernels._blocks(S, D, programs, dtype, cuda)
+                for block in (own, loop, block_d):
+                    assert block >= 16 and block & (block - 1) == 0
+                assert block_d >= D and block_d * max(own, loop) <= 16384 and num_warps in (4, 8)
 
 
 @pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "triton"])
@@ -297,24 +310,30 @@ def test_gradcheck(device, backend):
             assert torch.autograd.gradcheck(lambda s, args=args: ops.slot_contrastive_loss(s, *args, backend=backend), (slots,))
 
 
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float64))
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_custom_op_autograd_matches_reference(device, backend):
+def test_custom_op_autograd_matches_reference(device, backend, dtype):
     """Eager calls may take a faster path than the custom op; torch.compile always calls the op, so its autograd
     formula (a backward custom op) is checked directly."""
     op = torch.ops.kdfast.slot_contrastive_loss.default
     B, T, K, D = 3, 4, 7, 20
-    for dtype in (torch.float32, torch.float64):
-        slots = leaf(rand(B, T, K, D, dtype=dtype, device=device))
-        slots64 = leaf(slots.double())
-        for batch_contrast in (True, False):
-            for reduction in REDUCTIONS:
-                out = op(slots, 0.2, batch_contrast, reduction, backend)
-                ref = reference.slot_contrastive_loss(slots64, 0.2, batch_contrast, reduction)
-                what = f"{dtype} batch_contrast={batch_contrast} {reduction}"
-                assert out.dtype == dtype
-                assert_close(out, ref, dtype, f"{what} loss")
-                grad_out = rand(*ref.shape, dtype=dtype, device=device)
-                assert_close(grads_of(out, (slots,), grad_out)[0], grads_of(ref, (slots64,), grad_out)[0], dtype, f"{what} grad")
+    slots = leaf(rand(B, T, K, D, dtype=dtype, device=device))
+    slots64 = leaf(slots.double())
+    for batch_contrast in (True, False):
+        for reduction in REDUCTIONS:
+            out = op(slots, 0.2, batch_contrast, reduction, backend)
+            ref = reference.slot_contrastive_loss(slots64, 0.2, batch_contrast, reduction)
+            what = f"{dtype} batch_contrast={batch_contrast} {reduction}"
+            assert out.dtype == dtype
+            assert_close(out, ref, dtype, f"{what} loss")
+            grad_out = rand(*ref.shape, dtype=dtype, device=device)
+            assert_close(grads_of(out, (slots,), grad_out)[0], grads_of(ref, (slots64,), grad_out)[0], dtype, f"{what} grad")
+
+
+@pytest.mark.parametrize(("device", "backend"), CASES)
+def test_custom_op_gradcheck(device, backend):
+    """The custom op's autograd formula (see test_custom_op_autograd_matches_reference) in float64 gradcheck."""
+    op = torch.ops.kdfast.slot_contrastive_loss.default
     slots = leaf(rand(2, 3, 3, 4, dtype=torch.float64, device=device))
     for batch_contrast, reduction in ((True, "mean"), (False, "none")):
         assert torch.autograd.gradcheck(lambda s, a=(batch_contrast, reduction): op(s, 0.3, *a, backend), (slots,))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
+from harness import TOLERANCE, assert_close, dtype_cases, grads_of, implemented_cases, leaf, rand, relative_error
 
 from kdfast import ops, reference
 from kdfast.nn import SlotMatchLoss
 from kdfast.ops import slot_match
 
 CASES = implemented_cases("slot_match_loss")
+DTYPE_CASES = dtype_cases(CASES)  # (device, backend, dtype): each case in every dtype it is tested in
 # (B, K, M, D): singletons, D not a power of two, D over one Triton chunk, K and M not multiples of 16.
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 11, 13, 48), (2, 15, 15, 96), (1, 7, 9, 300)]
 
@@ -22,36 +23,34 @@ SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 11, 13, 48), (2, 15, 15, 96), (1, 7, 9
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize(("device", "backend"), CASES)
-def test_cosine_similarity_matches_reference(device, backend, shape):
+@pytest.mark.parametrize(("device", "backend", "dtype"), DTYPE_CASES)
+def test_cosine_similarity_matches_reference(device, backend, dtype, shape):
     B, K, M, D = shape
-    for dtype in dtypes(device, backend):
-        a, b = leaf(rand(B, K, D, dtype=dtype, device=device)), leaf(rand(B, M, D, dtype=dtype, device=device))
-        a64, b64 = leaf(a.double()), leaf(b.double())
-        out = ops.slot_cosine_similarity(a, b, backend=backend)
-        ref = reference.slot_cosine_similarity(a64, b64)
-        assert out.dtype == dtype and out.shape == (B, K, M)
-        assert_close(out, ref, dtype, f"{dtype} cosine")
-        grad_out = rand(B, K, M, device=device)
-        for name, got, want in zip("ab", grads_of(out, (a, b), grad_out), grads_of(ref, (a64, b64), grad_out)):
-            assert_close(got, want, dtype, f"{dtype} grad of {name}")
+    a, b = leaf(rand(B, K, D, dtype=dtype, device=device)), leaf(rand(B, M, D, dtype=dtype, device=device))
+    a64, b64 = leaf(a.double()), leaf(b.double())
+    out = ops.slot_cosine_similarity(a, b, backend=backend)
+    ref = reference.slot_cosine_similarity(a64, b64)
+    assert out.dtype == dtype and out.shape == (B, K, M)
+    assert_close(out, ref, dtype, f"{dtype} cosine")
+    grad_out = rand(B, K, M, device=device)
+    for name, got, want in zip("ab", grads_of(out, (a, b), grad_out), grads_of(ref, (a64, b64), grad_out)):
+        assert_close(got, want, dtype, f"{dtype} grad of {name}")
 
 
 @pytest.mark.parametrize("matching", ["index", "hungarian"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize(("device", "backend"), CASES)
-def test_match_loss_matches_reference(device, backend, reduction, matching):
+@pytest.mark.parametrize(("device", "backend", "dtype"), DTYPE_CASES)
+def test_match_loss_matches_reference(device, backend, dtype, reduction, matching):
     for B, K, _, D in SHAPES:
-        for dtype in dtypes(device, backend):
-            student, teacher = leaf(rand(B, K, D, dtype=dtype, device=device)), rand(B, K, D, dtype=dtype, device=device)
-            student64 = leaf(student.double())
-            out = ops.slot_match_loss(student, teacher, matching, reduction, backend=backend)
-            ref = reference.slot_match_loss(student64, teacher.double(), matching, reduction)
-            assert out.dtype == dtype
-            assert_close(out, ref, dtype, f"{dtype} {matching} loss")
-            grad_out = rand(*ref.shape, device=device)
-            (got,), (want,) = grads_of(out, (student,), grad_out), grads_of(ref, (student64,), grad_out)
-            assert_close(got, want, dtype, f"{dtype} {matching} grad of student")
+        student, teacher = leaf(rand(B, K, D, dtype=dtype, device=device)), rand(B, K, D, dtype=dtype, device=device)
+        student64 = leaf(student.double())
+        out = ops.slot_match_loss(student, teacher, matching, reduction, backend=backend)
+        ref = reference.slot_match_loss(student64, teacher.double(), matching, reduction)
+        assert out.dtype == dtype
+        assert_close(out, ref, dtype, f"{dtype} {(B, K, D)} {matching} loss")
+        grad_out = rand(*ref.shape, device=device)
+        (got,), (want,) = grads_of(out, (student,), grad_out), grads_of(ref, (student64,), grad_out)
+        assert_close(got, want, dtype, f"{dtype} {(B, K, D)} {matching} grad of student")
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
