@@ -536,6 +536,30 @@ def test_iterations_match_reference(device, backend):
                     assert_close(g, w, dtype, f"{what}: grad of {name}")
 
 
+@pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "cpp"])
+@pytest.mark.parametrize("grad_last_only", [False, True])
+def test_cpp_whole_loop_equals_the_python_loop(device, backend, grad_last_only):
+    """The cpp backend runs every iteration in one C++ call in eager mode (kept for its 2-7% fwd+bwd): the same
+    values and gradients as the one Python loop (reference iterations over the cpp core and torch's GRUCell), which
+    torch.compile traces. Same ATen layers in the same order: equal to float64 rounding."""
+    from kdfast.reference.slot_attention import iterations
+
+    eager = _eager_module(20, 16, {"kvq_dim": 12, "hidden_dim": 24}).to(device)
+    p = {name: leaf(t.detach()) for name, t in eager.named_parameters() if not name.startswith(("to_k", "to_v", "norm_f"))}
+    slots, k, v = (leaf(rand(*shape, dtype=torch.float64, device=device)) for shape in ((2, 3, 16), (2, 29, 12), (2, 29, 12)))
+    got = ops.slot_attention(slots, k, v, p, 3, grad_last_only=grad_last_only, backend=backend)
+
+    def core(q, k, v, last):
+        return slot_attention_module._core(q, k, v, 12**-0.5, 1e-8, last, backend)[:2]
+
+    want = iterations(slots, k, v, p, 3, "normed", grad_last_only, core, slot_attention_module._aten_gru_cell)
+    grad_out = (rand(2, 3, 16, dtype=torch.float64, device=device), rand(2, 3, 29, dtype=torch.float64, device=device))
+    wrt = (k, v, *p.values())
+    for name, g, w in zip(("slots", "masks", "k", "v", *p), (*got, *torch.autograd.grad(got, wrt, grad_out)),
+                          (*want, *torch.autograd.grad(want, wrt, grad_out))):
+        assert_close(g, w, torch.float64, name)
+
+
 @pytest.mark.parametrize(("device", "backend"), CASES)
 def test_iterations_gradcheck(device, backend):
     """fp64 gradcheck through two iterations, every input and parameter at once (fast mode: a random projection

@@ -162,8 +162,19 @@ def _gru_cell(
     return (1.0 - z) * n + z * h
 
 
-def _step(slots, k, v, params, scale, eps, gru_hidden):
-    """One iteration (:func:`slot_attention_step`) with slots, k and v already in the accumulation dtype."""
+def _reference_core(scale, eps):
+    """The reference core as the iteration calls it: ``core(q, k, v, last) -> (U, A)``."""
+    return lambda q, k, v, last: _core(q, k, v, _logit_scale(q, scale), eps)[:2]
+
+
+def iteration(slots, k, v, params, gru_hidden, core, gru_cell=None, last=True):
+    """One iteration (:func:`slot_attention_step`) with slots, k, v and params already in one dtype: the one
+    written form of it, which every non-fused path runs (kdfast.ops passes its backend's core).
+
+    ``core(q, k, v, last) -> (U (B, K, Dv), A (B, K, N))`` is the slot attention core; ``last`` says whether the
+    caller keeps A (a backend may then skip writing it). ``gru_cell(U, hidden, w_ih, w_hh, b_ih, b_hh) -> h`` is
+    the GRUCell, :func:`_gru_cell` (the equations) unless given.
+    """
     acc = slots.dtype
 
     def p(name):
@@ -173,7 +184,7 @@ def _step(slots, k, v, params, scale, eps, gru_hidden):
     D = slots.shape[-1]
     x = F.layer_norm(slots, (D,), p("norm_slots.weight"), p("norm_slots.bias"), LAYER_NORM_EPS)
     q = F.linear(x, p("to_q.weight"), p("to_q.bias"))
-    U, A, _, _ = _core(q, k, v, _logit_scale(q, scale), eps)
+    U, A = core(q, k, v, last)
 
     if gru_hidden == "normed":
         hidden = x
@@ -183,7 +194,7 @@ def _step(slots, k, v, params, scale, eps, gru_hidden):
         raise ValueError(f"gru_hidden must be 'normed' or 'prev', got {gru_hidden!r}")
 
     if "gru.weight_ih" in params:
-        h = _gru_cell(
+        h = (gru_cell or _gru_cell)(
             U, hidden, p("gru.weight_ih"), p("gru.weight_hh"), p("gru.bias_ih"), p("gru.bias_hh")
         )
     else:
@@ -248,7 +259,7 @@ def slot_attention_step(
     """
     out = slots.dtype
     acc = accumulator_dtype(out)
-    new, A = _step(upcast(slots, acc), upcast(k, acc), upcast(v, acc), params, scale, eps, gru_hidden)
+    new, A = iteration(upcast(slots, acc), upcast(k, acc), upcast(v, acc), params, gru_hidden, _reference_core(scale, eps))
     return new.to(out), A.to(out)
 
 
@@ -291,15 +302,23 @@ def slot_attention(
     """
     out = slots.dtype
     acc = accumulator_dtype(out)
-    s, k, v = upcast(slots, acc), upcast(k, acc), upcast(v, acc)
-    A = None
+    s, A = iterations(upcast(slots, acc), upcast(k, acc), upcast(v, acc), params, n_iters, gru_hidden,
+                      grad_last_only, _reference_core(scale, eps))
+    return s.to(out), A.to(out)
+
+
+def iterations(slots, k, v, params, n_iters, gru_hidden, grad_last_only, core, gru_cell=None):
+    """The iteration loop of :func:`slot_attention` in the inputs' dtype, with the ``core`` and ``gru_cell`` of
+    :func:`iteration`: the one loop the reference and every non-fused backend path run. Returns the slots and the
+    last iteration's masks."""
+    s, A = slots, None
     for it in range(n_iters):
         last = it == n_iters - 1
         if grad_last_only and not last:
             with torch.no_grad():
-                s, A = _step(s, k, v, params, scale, eps, gru_hidden)
-        else:
-            if grad_last_only and n_iters > 1:
-                s = s.detach()
-            s, A = _step(s, k, v, params, scale, eps, gru_hidden)
-    return s.to(out), A.to(out)
+                s, _ = iteration(s, k, v, params, gru_hidden, core, gru_cell, last=False)
+            continue
+        if grad_last_only and n_iters > 1:
+            s = s.detach()
+        s, A = iteration(s, k, v, params, gru_hidden, core, gru_cell, last=last)
+    return s, A
