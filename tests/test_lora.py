@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import assert_close, dtypes, grads_of, implemented_cases, leaf, rand
+from harness import assert_close, dtype_cases, dtype_params, grads_of, implemented_cases, leaf, rand
 
 from kdfast import ops, reference
 from kdfast.ops import lora
 
 CASES = implemented_cases("lora_linear")
+DTYPE_CASES = dtype_cases(CASES)  # (device, backend, dtype): each case in every dtype it is tested in
 # (leading shape of x, in_features I, out_features O, rank r): ranks 1, 7, 64 (over I) and 128, odd I and O,
 # x of shape (I,), (N, I), (B, T, I) and (B, T, S, I), singletons.
 LINEAR_SHAPES = [
@@ -85,22 +86,21 @@ def flat(*items):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
-@pytest.mark.parametrize(("device", "backend"), CASES)
-def test_linear_matches_reference(device, backend, shape, bias):
+@pytest.mark.parametrize(("device", "backend", "dtype"), DTYPE_CASES)
+def test_linear_matches_reference(device, backend, dtype, shape, bias):
     lead, I, O, r = shape
-    for dtype in dtypes(device, backend):
-        tensors = linear_inputs(lead, I, O, r, bias=bias, dtype=dtype, device=device)
-        tensors64 = [as64(t) for t in tensors]
-        out = ops.lora_linear(*tensors, 0.75, backend=backend)
-        ref = reference.lora_linear(*tensors64, 0.75)
-        assert out.dtype == dtype and out.shape == (*lead, O)
-        assert_close(out, ref, dtype, f"{dtype} output")
-        grad_out = rand(*lead, O, dtype=dtype, device=device)
-        wrt, wrt64 = flat(*tensors), flat(*tensors64)
-        for name, got, want in zip(("x", "weight", "bias", "lora_a", "lora_b") if bias else ("x", "weight", "lora_a", "lora_b"),
-                                   grads_of(out, wrt, grad_out), grads_of(ref, wrt64, grad_out)):
-            assert got.dtype == dtype and got.shape == want.shape
-            assert_close(got, want, dtype, f"{dtype} grad of {name}")
+    tensors = linear_inputs(lead, I, O, r, bias=bias, dtype=dtype, device=device)
+    tensors64 = [as64(t) for t in tensors]
+    out = ops.lora_linear(*tensors, 0.75, backend=backend)
+    ref = reference.lora_linear(*tensors64, 0.75)
+    assert out.dtype == dtype and out.shape == (*lead, O)
+    assert_close(out, ref, dtype, f"{dtype} output")
+    grad_out = rand(*lead, O, dtype=dtype, device=device)
+    wrt, wrt64 = flat(*tensors), flat(*tensors64)
+    for name, got, want in zip(("x", "weight", "bias", "lora_a", "lora_b") if bias else ("x", "weight", "lora_a", "lora_b"),
+                               grads_of(out, wrt, grad_out), grads_of(ref, wrt64, grad_out)):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert_close(got, want, dtype, f"{dtype} grad of {name}")
 
 
 @pytest.mark.parametrize("trainable", ["lora-only", "lora-and-x", "everything"])
@@ -202,24 +202,24 @@ def timm_qkv(x, w_qkv, b_qkv, pairs, scale, num_heads):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("slices", list(SLICES), ids=list(SLICES))
-@pytest.mark.parametrize(("device", "backend"), CASES)
-def test_qkv_matches_reference_and_timm_layout(device, backend, slices, bias):
+@pytest.mark.parametrize(("device", "backend", "dtype"), DTYPE_CASES)
+def test_qkv_matches_reference_and_timm_layout(device, backend, dtype, slices, bias):
     for B, T, C, H in QKV_SHAPES:
-        for dtype in dtypes(device, backend):
-            x, w_qkv, b_qkv, pairs = qkv_inputs(B, T, C, SLICES[slices], bias=bias, dtype=dtype, device=device)
-            x64, w64, b64, pairs64 = as64(x), as64(w_qkv), as64(b_qkv), [as64(p) for p in pairs]
-            out = ops.lora_qkv(x, w_qkv, b_qkv, *pairs, scale=0.6, num_heads=H, backend=backend)
-            ref = reference.lora_qkv(x64, w64, b64, *pairs64, 0.6, H)
-            timm = timm_qkv(x64, w64, b64, pairs64, 0.6, H)
-            for name, o, r, t in zip("qkv", out, ref, timm):
-                assert o.dtype == dtype and o.shape == (B, H, T, C // H)
-                assert_close(o, r, dtype, f"{dtype} {name}")
-                assert_close(o, t, dtype, f"{dtype} {name} against timm's reshape/permute")
-            grad_out = [rand(B, H, T, C // H, dtype=dtype, device=device) for _ in range(3)]
-            wrt, wrt64 = flat(x, w_qkv, b_qkv, pairs), flat(x64, w64, b64, pairs64)
-            for i, (got, want) in enumerate(zip(grads_of(out, wrt, grad_out), grads_of(ref, wrt64, grad_out))):
-                assert got.dtype == dtype and got.shape == want.shape
-                assert_close(got, want, dtype, f"{dtype} grad of input {i}")
+        x, w_qkv, b_qkv, pairs = qkv_inputs(B, T, C, SLICES[slices], bias=bias, dtype=dtype, device=device)
+        x64, w64, b64, pairs64 = as64(x), as64(w_qkv), as64(b_qkv), [as64(p) for p in pairs]
+        out = ops.lora_qkv(x, w_qkv, b_qkv, *pairs, scale=0.6, num_heads=H, backend=backend)
+        ref = reference.lora_qkv(x64, w64, b64, *pairs64, 0.6, H)
+        timm = timm_qkv(x64, w64, b64, pairs64, 0.6, H)
+        what = f"{dtype} {(B, T, C, H)}"
+        for name, o, r, t in zip("qkv", out, ref, timm):
+            assert o.dtype == dtype and o.shape == (B, H, T, C // H)
+            assert_close(o, r, dtype, f"{what} {name}")
+            assert_close(o, t, dtype, f"{what} {name} against timm's reshape/permute")
+        grad_out = [rand(B, H, T, C // H, dtype=dtype, device=device) for _ in range(3)]
+        wrt, wrt64 = flat(x, w_qkv, b_qkv, pairs), flat(x64, w64, b64, pairs64)
+        for i, (got, want) in enumerate(zip(grads_of(out, wrt, grad_out), grads_of(ref, wrt64, grad_out))):
+            assert got.dtype == dtype and got.shape == want.shape
+            assert_close(got, want, dtype, f"{what} grad of input {i}")
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -282,30 +282,30 @@ class TimmLoRAAttention(torch.nn.Module):
     [{}, {"qkv_bias": False, "proj_bias": False}, {"proj_lora": False}, {"proj_lora": False, "proj_bias": False}],
     ids=["biases", "no-biases", "no-proj-lora", "no-proj-lora-no-bias"],
 )
+@pytest.mark.parametrize("dtype", dtype_params(torch.float64, torch.float32))
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_attention_matches_eager_timm_attention(device, backend, config):
-    for dtype in (torch.float64, torch.float32):
-        module = TimmLoRAAttention(24, 3, 4, dtype=dtype, **config).to(device)
-        x = leaf(rand(2, 7, 24, dtype=dtype, device=device))
-        out = module(x, backend=backend)
-        module64 = TimmLoRAAttention(24, 3, 4, **config).to(device)
-        module64.load_state_dict({k: v.double() for k, v in module.state_dict().items()})
-        x64 = leaf(x.double())
-        ref = module64.eager(x64)
-        assert out.dtype == dtype and out.shape == (2, 7, 24)
-        assert_close(out, ref, dtype, f"{dtype} output")
-        assert_close(
-            reference.lora_attention(x64, module64.qkv.weight, module64.qkv.bias, *module64.pairs()[:3], module64.proj.weight,
-                                     module64.proj.bias, module64.pairs()[3], module64.scale, 3),
-            ref, torch.float64, "reference.lora_attention against the eager module",
-        )
-        grad_out = rand(2, 7, 24, dtype=dtype, device=device)
-        params = dict(module.named_parameters())
-        params64 = dict(module64.named_parameters())
-        got = grads_of(out, [x, *params.values()], grad_out)
-        want = grads_of(ref, [x64, *(params64[k] for k in params)], grad_out)
-        for name, g, w in zip(["x", *params], got, want):
-            assert_close(g, w, dtype, f"{dtype} grad of {name}")
+def test_attention_matches_eager_timm_attention(device, backend, config, dtype):
+    module = TimmLoRAAttention(24, 3, 4, dtype=dtype, **config).to(device)
+    x = leaf(rand(2, 7, 24, dtype=dtype, device=device))
+    out = module(x, backend=backend)
+    module64 = TimmLoRAAttention(24, 3, 4, **config).to(device)
+    module64.load_state_dict({k: v.double() for k, v in module.state_dict().items()})
+    x64 = leaf(x.double())
+    ref = module64.eager(x64)
+    assert out.dtype == dtype and out.shape == (2, 7, 24)
+    assert_close(out, ref, dtype, f"{dtype} output")
+    assert_close(
+        reference.lora_attention(x64, module64.qkv.weight, module64.qkv.bias, *module64.pairs()[:3], module64.proj.weight,
+                                 module64.proj.bias, module64.pairs()[3], module64.scale, 3),
+        ref, torch.float64, "reference.lora_attention against the eager module",
+    )
+    grad_out = rand(2, 7, 24, dtype=dtype, device=device)
+    params = dict(module.named_parameters())
+    params64 = dict(module64.named_parameters())
+    got = grads_of(out, [x, *params.values()], grad_out)
+    want = grads_of(ref, [x64, *(params64[k] for k in params)], grad_out)
+    for name, g, w in zip(["x", *params], got, want):
+        assert_close(g, w, dtype, f"{dtype} grad of {name}")
 
 
 # ------------------------------------------------------------------------------------ gradcheck / opcheck
