@@ -17,7 +17,7 @@ from kdfast.train.recipes._common import Options, format_report
 
 
 # Tiny evaluation sets (and a smaller ViT): a few steps of each recipe in seconds.
-TINY = {"gini": {"eval_samples": 48}, "slotmatch": {"eval_videos": 6},
+TINY = {"gini": {"eval_samples": 48, "seeds": "2"}, "slotmatch": {"eval_videos": 6},
         "wecolora": {"probe_train": 36, "held_out": 24, "few_shot_per_class": 2, "depth": 4, "embed_dim": 32}}
 
 
@@ -37,11 +37,25 @@ def _options(tmp_path, recipe, **overrides) -> Options:
 
 
 def test_gini_recipe(tmp_path):
-    report = gini.run(_options(tmp_path, "gini"))
-    assert [row["run"] for row in report["rows"]] == ["ce", "ce+gini+kl"]
+    report = gini.run(_options(tmp_path, "gini"))  # digits (scikit-learn), 2 seeds, clean and 20% label noise
+    assert [(row["label noise"], row["seed"], row["run"]) for row in report["rows"]] == [
+        (noise, seed, run) for noise in ("0%", "20%") for seed in (0, 1) for run in ("ce", "ce+gini+kl")]
     assert all(0 <= row["held-out accuracy"] <= 1 and row["steps"] == 2 for row in report["rows"])
-    assert json.loads((tmp_path / "report.json").read_text())["recipe"] == "gini"
-    assert "| ce+gini+kl" in format_report(report)
+    assert report["held-out samples"] == 540 and report["classes"] == 10
+    summary = json.loads((tmp_path / "report.json").read_text())["summary"]
+    assert {"accuracy_ce_mean", "accuracy_ce_std", "accuracy_gini_kl_mean", "accuracy_gini_kl_std", "seeds",
+            "seconds"} <= set(summary) and summary["seeds"] == [0, 1]
+    ce = [row["held-out accuracy"] for row in report["rows"][:4] if row["run"] == "ce"]
+    assert summary["accuracy_ce_mean"] == pytest.approx(sum(ce) / 2)
+    assert "| ce+gini+kl" in format_report(report) and "20% of the training labels flipped" in report["conclusion"]
+    assert (tmp_path / "curves.png").exists() == (report["pictures"] == ["curves.png"])
+
+
+def test_gini_label_noise_is_fixed_and_flips_the_given_fraction():
+    train, _ = gini.digits()
+    a, b = gini.noisy(train, 10, 20), gini.noisy(train, 10, 20)
+    flipped = a.tensors["label"] != train.tensors["label"]
+    assert torch.equal(a.tensors["label"], b.tensors["label"]) and int(flipped.sum()) == round(0.2 * len(train))
 
 
 def test_slotmatch_recipe_and_teacher_from_a_checkpoint(tmp_path):
@@ -49,29 +63,58 @@ def test_slotmatch_recipe_and_teacher_from_a_checkpoint(tmp_path):
     teacher, student = report["rows"]
     assert teacher["parameters"] > student["parameters"] > 0
     for row in report["rows"]:
-        for masks in ("decoder", "attention", "token-grid bound"):
+        for masks in ("decoder", "attention", "token ceiling"):
             assert -1 <= row[f"FG-ARI ({masks})"] <= 1 and 0 <= row[f"mBO ({masks})"] <= 1
         assert row["frames/s (inference)"] > 0
+    summary = json.loads((tmp_path / "a" / "report.json").read_text())["summary"]
+    assert {"teacher_fg_ari", "student_fg_ari", "fg_ari_ceiling", "parameter_ratio", "inference_speedup",
+            "seconds"} <= set(summary) and summary["teacher_fg_ari"] == teacher["FG-ARI (attention)"]
+    if report["pictures"]:
+        assert report["pictures"] == ["curves.png", "masks.png"] and (tmp_path / "a" / "masks.png").exists()
     loaded = slotmatch.run(_options(tmp_path / "b", "slotmatch", teacher=str(tmp_path / "a" / "teacher" / "checkpoint.pt")))
     assert loaded["rows"][0]["trained"].startswith("loaded")
     assert loaded["rows"][0]["FG-ARI (decoder)"] == teacher["FG-ARI (decoder)"]  # the same teacher and videos
 
 
+def test_token_ceiling_labels_each_token_by_its_most_frequent_object():
+    true = torch.zeros(1, 1, 4, 4, dtype=torch.long)
+    true[0, 0, 0, 0] = 1  # one object pixel in the top-left 2x2 token: the token is the object's
+    true[0, 0, 2:, 2:] = torch.tensor([[2, 2], [3, 0]])  # bottom-right token: object 2 (2 pixels) over 3 (1)
+    ceiling = slotmatch.token_ceiling(true, (2, 2))[0, 0]
+    assert ceiling[:2, :2].eq(1).all() and ceiling[2:, 2:].eq(2).all() and ceiling[:2, 2:].eq(0).all()
+    # On the pixel grid itself the true masks are their own ceiling.
+    assert torch.equal(slotmatch.token_ceiling(true, (4, 4)), true)
+
+
 def test_wecolora_recipe(tmp_path):
     report = wecolora.run(_options(tmp_path, "wecolora"))
-    teacher, copy, student = report["rows"]
+    teacher, copy, student, qv = report["rows"]
     assert teacher["feature L1 to teacher"] == 0 and copy["feature L1 to teacher"] > 0
     assert student["blocks"] == copy["blocks"] == teacher["blocks"] // 2
-    assert student["trainable"] < student["parameters"]
+    assert qv["trainable"] < student["trainable"] < student["parameters"]
+    summary = json.loads((tmp_path / "report.json").read_text())["summary"]
+    assert {"probe_teacher", "probe_weight_copy", "probe_wecolora", "feature_l1_weight_copy", "feature_l1_wecolora",
+            "seconds"} <= set(summary) and summary["probe_wecolora"] == student["linear-probe accuracy"]
 
 
-def test_reference_backend_gives_the_same_losses(tmp_path):
-    # The recipe on the kdfast kernels and on the eager reference: the same run, up to float32 rounding.
+# Convergence: each recipe's models trained a few steps on the kdfast kernels and on the eager reference give
+# the same losses step by step, up to float32 rounding (the way kernel libraries test convergence).
+CONVERGENCE = {"slotmatch": ("student", {}), "wecolora": ("student", {}),
+               "gini": ("ce+gini+kl_noise0_seed0", {"gini_warmup_steps": "0", "seeds": "1", "label_noise": "0"})}
+
+
+@pytest.mark.parametrize("recipe", sorted(CONVERGENCE))
+def test_reference_backend_gives_the_same_losses(tmp_path, recipe):
+    module = {"gini": gini, "slotmatch": slotmatch, "wecolora": wecolora}[recipe]
+    phase, extra = CONVERGENCE[recipe]
     losses = {}
     for backend in ("auto", "reference"):
-        slotmatch.run(_options(tmp_path / backend, "slotmatch", backend=backend))
-        lines = (tmp_path / backend / "student" / "metrics.jsonl").read_text().splitlines()
+        options = _options(tmp_path / backend, recipe, backend=backend, steps=5)
+        options.overrides.update(extra, pictures="false")
+        module.run(options)
+        lines = (tmp_path / backend / phase / "metrics.jsonl").read_text().splitlines()
         losses[backend] = torch.tensor([json.loads(line)["loss"] for line in lines])
+    assert len(losses["auto"]) == 5
     torch.testing.assert_close(losses["auto"], losses["reference"], rtol=1e-4, atol=1e-6)
 
 

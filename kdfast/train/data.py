@@ -7,7 +7,8 @@ Synthetic (no downloads; sample ``i`` of a split is a pure function of ``(seed, 
   "masks": (T, H, W) int64}``,
   mask 0 is the background, 1..n the objects (the same id in every frame).
 - :class:`Shapes`: classification images of one shape (``SHAPE_CLASSES``) with a random colour, size (``radius``,
-  a fraction of the image) and position on a noisy background (``noise``, the standard deviation). Sample: ``{"image": (3, H, W) float32 in [0, 1] (8-bit levels), "label": () int64}``.
+  a fraction of the image) and position (anywhere, or within ``jitter`` pixels of the centre) on a noisy background
+  (``noise``, the standard deviation). Sample: ``{"image": (3, H, W) float32 in [0, 1] (8-bit levels), "label": () int64}``.
 
 Real data (see :func:`open_video_data`, :func:`open_image_data`):
 
@@ -156,12 +157,13 @@ class Shapes(_Generated):
     num_classes = len(SHAPE_CLASSES)
 
     def __init__(self, num_samples: int = 10_000, size: int = 32, seed: int = 0, split: str = "train",
-                 cache: bool = True, noise: float = 0.3, radius: tuple[float, float] = (0.12, 0.3)):
-        if num_samples < 1 or size < 8 or noise < 0 or not 0 < radius[0] <= radius[1] <= 0.5:
-            raise ValueError(f"Shapes: need num_samples >= 1, size >= 8, noise >= 0 and 0 < radius <= 0.5; got "
-                             f"{num_samples}, {size}, {noise}, {radius}")
+                 cache: bool = True, noise: float = 0.3, radius: tuple[float, float] = (0.12, 0.3),
+                 jitter: float | None = None):
+        if num_samples < 1 or size < 8 or noise < 0 or not 0 < radius[0] <= radius[1] <= 0.5 or (jitter or 0) < 0:
+            raise ValueError(f"Shapes: need num_samples >= 1, size >= 8, noise >= 0, 0 < radius <= 0.5 and jitter "
+                             f">= 0; got {num_samples}, {size}, {noise}, {radius}, {jitter}")
         self.num_samples, self.size, self.seed, self.split, self.cache = num_samples, size, seed, split, cache
-        self.noise, self.radius = noise, radius
+        self.noise, self.radius, self.jitter = noise, radius, jitter
         self._cache: dict[int, tuple[Tensor, int]] = {}
 
     def _sample(self, image: Tensor, label: int) -> dict[str, Tensor]:
@@ -174,7 +176,10 @@ class Shapes(_Generated):
         y = torch.arange(self.size, dtype=torch.float32).view(-1, 1) + 0.5
         x = torch.arange(self.size, dtype=torch.float32).view(1, -1) + 0.5
         r = _uniform(g, self.radius[0] * S, self.radius[1] * S)
-        cy, cx = _uniform(g, float(r), float(S - r)), _uniform(g, float(r), float(S - r))
+        if self.jitter is None:  # anywhere inside the image
+            cy, cx = _uniform(g, float(r), float(S - r)), _uniform(g, float(r), float(S - r))
+        else:  # within +-jitter pixels of the centre
+            cy, cx = S / 2 + _uniform(g, -self.jitter, self.jitter), S / 2 + _uniform(g, -self.jitter, self.jitter)
         inside = _shape_mask(SHAPE_CLASSES[label], y, x, cy, cx, r)
         colour = _hsv_to_rgb(_uniform(g, 0.0, 1.0), _uniform(g, 0.5, 1.0), _uniform(g, 0.6, 1.0))[0]
         # The default noise makes small shapes hard enough to tell apart that the gini recipe's runs can differ.

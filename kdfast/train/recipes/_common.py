@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,8 +152,10 @@ def format_report(report: dict) -> str:
     """A readable rendering of a recipe's report: its ``rows`` as a table, the other entries as ``key: value``."""
     lines = [f"== kdfast train {report['recipe']} =="]
     for key, value in report.items():
-        if key in ("recipe", "rows", "settings"):  # the settings were printed at the start
-            continue
+        if key in ("recipe", "rows", "settings", "summary", "conclusion", "wall seconds"):  # the settings were
+            continue  # printed at the start; the summary is the conclusion's numbers
+        if key == "pictures":
+            value = ", ".join(value) if value else "none (they need Pillow: pip install pillow)"
         lines.append(f"{key}: {value}")
     rows = report.get("rows") or []
     if rows:
@@ -162,6 +165,10 @@ def format_report(report: dict) -> str:
         lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
         lines.append("| " + " | ".join("-" * w for w in widths) + " |")
         lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in cells]
+    if report.get("conclusion"):
+        lines += ["", *textwrap.wrap(report["conclusion"], 116)]
+    if report.get("wall seconds") is not None:
+        lines.append(f"Wall time of the whole recipe: {report['wall seconds']:.0f} s.")
     return "\n".join(lines)
 
 
