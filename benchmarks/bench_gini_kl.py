@@ -15,22 +15,11 @@ import torch
 
 from kdfast import reference
 
-from .conftest import DEVICE, DTYPE, implementation_names, make_implementation, measure, synchronize
+from .conftest import DEVICE, DTYPE, FWD_BWD, bench_cases, implementation_names, make_implementation, run_case
+from .presets import GINI_KL, GINI_KL_CPU
 
 # The module: kdfast.ops re-exports the function gini_kl under the module's name.
 gini_kl_module = importlib.import_module("kdfast.ops.gini_kl")
-
-# (B, F, H, W, C): the penultimate feature maps of the paper's classifiers (design.md 3.4).
-PRESETS = {
-    "resnet50-cifar100": (200, 2048, 4, 4, 100),
-    "resnet18": (128, 512, 4, 4, 100),
-    "imagenet": (256, 2048, 7, 7, 1000),
-}
-# On the 2-core CPU machines the ImageNet map (100 MB of float32, ~0.3 s per eager fwd+bwd) is run at a quarter of
-# the batch; the CIFAR presets run as they are.
-CPU_PRESETS = {**PRESETS, "imagenet": (64, 2048, 7, 7, 1000)}
-
-PASSES = ("fwd", "fwd+bwd")
 
 
 # A named wrapper, not a partial: torch.compile gets a plain function with a code object of its own.
@@ -54,41 +43,24 @@ def cost(B: int, F: int, H: int, W: int, C: int, backward: bool) -> tuple[int, i
     return nbytes, flops
 
 
-CASES = [
-    pytest.param(pass_name, preset, impl, id=f"gini_kl-{pass_name}-{preset}-{impl}")
-    for pass_name in PASSES
-    for preset in PRESETS
-    for impl in implementation_names("gini_kl")
-]
+CASES = bench_cases(["gini_kl"], GINI_KL, lambda op, pass_name: implementation_names(op))
 
 
-@pytest.mark.parametrize("pass_name, preset, impl", CASES)
-def test_gini_kl(benchmark, pass_name, preset, impl):
-    B, F, H, W, C = (CPU_PRESETS if DEVICE.type == "cpu" else PRESETS)[preset]
-    backward = pass_name == "fwd+bwd"
+@pytest.mark.parametrize("op, pass_name, preset, impl", CASES)
+def test_gini_kl(benchmark, op, pass_name, preset, impl):
+    shapes = (GINI_KL_CPU if DEVICE.type == "cpu" else GINI_KL)[preset]
+    B, F, H, W, C = shapes.batch, shapes.features, shapes.height, shapes.width, shapes.classes
+    backward = pass_name == FWD_BWD
     fn = make_implementation(impl, reference_gini_kl, gini_kl_module.gini_kl)
 
     generator = torch.Generator().manual_seed(0)
     activations = torch.randn(B, F, H, W, generator=generator).to(DEVICE, DTYPE).requires_grad_(backward)
     labels = torch.randint(0, C, (B,), generator=generator).to(DEVICE)
-    grad_outputs = (torch.ones((), device=DEVICE, dtype=DTYPE), torch.full((), 0.5, device=DEVICE, dtype=DTYPE))
-
-    def step():
-        out = fn(activations, labels, C)
-        if backward:
-            torch.autograd.grad(out, (activations,), grad_outputs)
-        synchronize()
-
-    nbytes, flops = cost(B, F, H, W, C, backward)
-    measure(
-        benchmark,
-        step,
-        group=f"gini_kl {pass_name} {preset}",
-        impl=impl,
-        op="gini_kl",
-        **{"pass": pass_name},
-        preset=preset,
+    run_case(
+        benchmark, op=op, pass_name=pass_name, preset=preset, impl=impl,
+        forward=lambda: fn(activations, labels, C),
+        wrt=(activations,),
+        grad_outputs=(torch.ones((), device=DEVICE, dtype=DTYPE), torch.full((), 0.5, device=DEVICE, dtype=DTYPE)),
         shape=f"B={B} F={F} H={H} W={W} C={C}",
-        bytes=nbytes,
-        flops=flops,
+        cost=cost(B, F, H, W, C, backward),
     )

@@ -29,20 +29,19 @@ from torch import nn
 from kdfast.models.vit import Block
 from kdfast.nn import LoRAAttention, LoRALinear
 
-from .conftest import DEVICE, DTYPE, kdfast_backends, measure, synchronize
+from .conftest import DEVICE, DTYPE, FWD_BWD, bench_cases, kdfast_backends, run_case
+from .presets import LORA_RANKS, VIT_B16, VIT_B16_CPU_BATCH
 
 lora_ops = importlib.import_module("kdfast.ops.lora")
 
-TOKENS = 197
-BATCH = 128 if DEVICE.type == "cuda" else 4
-C, HEADS, HIDDEN = 768, 12, 3072
+TOKENS = VIT_B16.tokens
+BATCH = VIT_B16.batch if DEVICE.type == "cuda" else VIT_B16_CPU_BATCH
+C, HEADS, HIDDEN = VIT_B16.dim, VIT_B16.heads, VIT_B16.hidden
 LINEARS = {"qkv": (C, 3 * C), "fc1": (C, HIDDEN), "fc2": (HIDDEN, C)}
-RANKS = (4, 16, 128)
-PASSES = ("fwd", "fwd+bwd")
 SCALE = 2.0  # PEFT's lora_alpha / r with lora_alpha = 2r; any non-1 value, so the scaling multiply is paid
 
 
-def implementations(pass_name: str) -> list[str]:
+def implementations(op: str, pass_name: str) -> list[str]:
     names = ["eager", "compile"] + [f"kdfast-{b}" for b in kdfast_backends("lora_linear")]
     return names + ["base"] + (["merged"] if pass_name == "fwd" else [])
 
@@ -129,9 +128,9 @@ def peft_block(rank: int) -> Block:
     block.lora = pairs
     attn, mlp = block.attn, block.mlp
 
-    def attention(x):
+    def attention(x, attn_mask=None, is_causal=False):  # Block.forward passes timm's mask arguments
         q, k, v = peft_qkv(x, attn.qkv.weight, attn.qkv.bias, *pairs[:6], SCALE)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal).transpose(1, 2).reshape(x.shape)
         return peft_linear(o, attn.proj.weight, attn.proj.bias, pairs[6], pairs[7], SCALE)
 
     def mlp_forward(x):
@@ -190,13 +189,7 @@ def _block_case(rank, impl, backward):
 # --------------------------------------------------------------------------------------------------- cases
 
 OPS = [f"lora_linear:{name}" for name in LINEARS] + ["lora_qkv", "block"]
-CASES = [
-    pytest.param(op, pass_name, rank, impl, id=f"{op.replace(':', '-')}-{pass_name}-r{rank}-{impl}")
-    for op in OPS
-    for pass_name in PASSES
-    for rank in RANKS
-    for impl in implementations(pass_name)
-]
+CASES = bench_cases(OPS, LORA_RANKS, implementations)
 
 
 def _layers(op: str) -> list[tuple[int, int, int]]:
@@ -222,33 +215,26 @@ def _cost(op: str, rank: int, backward: bool) -> tuple[int, int]:
     return size * (activations * (3 if backward else 1) + weights * (2 if backward else 1)), flops
 
 
-@pytest.mark.parametrize("op, pass_name, rank, impl", CASES)
-def test_lora(benchmark, op, pass_name, rank, impl):
-    backward = pass_name == "fwd+bwd"
+def _ones_like_outputs(out) -> list[torch.Tensor]:
+    """The incoming gradients of the backward: ones for each output (lora_qkv has three)."""
+    return [torch.ones_like(o) for o in ((out,) if isinstance(out, torch.Tensor) else out)]
+
+
+@pytest.mark.parametrize("op, pass_name, preset, impl", CASES)
+def test_lora(benchmark, op, pass_name, preset, impl):
+    rank = LORA_RANKS[preset]
+    backward = pass_name == FWD_BWD
     torch.manual_seed(0)
     if op == "block":
         fn, wrt = _block_case(rank, impl, backward)
     else:
         fn, wrt = _functional_case(op, rank, impl, backward)
-
-    nbytes, flops = _cost(op, rank, backward)
-
-    def step():
-        out = fn()
-        if backward:
-            outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
-            torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs])
-        synchronize()
-
-    measure(
-        benchmark,
-        step,
+    run_case(
+        benchmark, op=op, pass_name=pass_name, preset=preset, impl=impl,
+        forward=fn,
+        wrt=wrt,
+        grad_outputs=_ones_like_outputs,
         group=f"{op} {pass_name} r={rank}",
-        impl=impl,
-        op=op,
-        **{"pass": pass_name},
-        preset=f"r{rank}",
         shape=f"B={BATCH} T={TOKENS} C={C} r={rank}",
-        bytes=nbytes,
-        flops=flops,
+        cost=_cost(op, rank, backward),
     )

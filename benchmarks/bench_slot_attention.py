@@ -9,8 +9,6 @@ and torch.compile of it; kdfast's module loads its state_dict. Run through ``pyt
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from torch import nn
@@ -19,16 +17,8 @@ import kdfast.nn
 import kdfast.ops
 from kdfast import reference
 
-from .conftest import DEVICE, DTYPE, implementation_names, make_implementation, measure, synchronize
-
-slot_attention_ops = importlib.import_module("kdfast.ops.slot_attention")
-
-# SlotContrast configs (design.md 3.1), batch 64 per GPU: (B, N tokens, inp_dim, slot dim D, K slots). The
-# 2-core CPU machines run the same shapes at batch 8.
-PRESETS = {"movi-c": (64, 576, 64, 64, 11), "movi-e": (64, 576, 128, 128, 15), "ytvis": (64, 1369, 64, 64, 7)}
-CPU_BATCH = 8
-
-PASSES = ("fwd", "fwd+bwd")
+from .conftest import DEVICE, DTYPE, FWD_BWD, bench_cases, implementation_names, make_implementation, run_case
+from .presets import SLOT_ATTENTION_CPU_BATCH, SLOTCONTRAST
 
 
 class EagerSlotAttention(nn.Module):
@@ -118,49 +108,31 @@ def cost(B, N, inp_dim, D, K, iters, backward) -> tuple[int, int]:
     return nbytes, flops
 
 
-def _implementations(op_name: str) -> list[str]:
+def _implementations(op_name: str, pass_name: str) -> list[str]:
     names = implementation_names("slot_attention_core")
     if op_name != "slot_attention_core" and "kdfast-triton" in names:  # the step before the fused iterations
         names.insert(names.index("kdfast-triton") + 1, "kdfast-triton-loop")
     return names
 
 
-CASES = [
-    pytest.param(op_name, pass_name, preset, impl, id=f"{op_name}-{pass_name}-{preset}-{impl}")
-    for op_name in OPS
-    for pass_name in PASSES
-    for preset in PRESETS
-    for impl in _implementations(op_name)
-]
+CASES = bench_cases(OPS, SLOTCONTRAST, _implementations)
 
 
 @pytest.mark.parametrize("op_name, pass_name, preset, impl", CASES)
 def test_slot_attention(benchmark, op_name, pass_name, preset, impl):
     make, iters = OPS[op_name]
-    B, N, inp_dim, D, K = PRESETS[preset]
-    if DEVICE.type == "cpu":
-        B = CPU_BATCH
-    backward = pass_name == "fwd+bwd"
+    shapes = SLOTCONTRAST[preset]  # one frame of a clip; the 2-core CPU machines run it at a smaller batch
+    B = SLOT_ATTENTION_CPU_BATCH if DEVICE.type == "cpu" else shapes.batch
+    N, inp_dim, D, K = shapes.tokens, shapes.inp_dim, shapes.slot_dim, shapes.slots
+    backward = pass_name == FWD_BWD
     reference_fn, kdfast_fn, inputs, wrt, output_of = make(B, N, inp_dim, D, K, backward, iters)
     fn = make_implementation(impl, reference_fn, kdfast_fn)
-    grad_output = torch.randn(B, K, D, device=DEVICE, dtype=DTYPE)
-
-    def step():
-        out = output_of(fn(*inputs))
-        if backward:
-            torch.autograd.grad(out, [t for t in wrt if t.requires_grad], grad_output, allow_unused=True)
-        synchronize()
-
-    nbytes, flops = cost(B, N, inp_dim, D, K, iters, backward)
-    measure(
-        benchmark,
-        step,
-        group=f"{op_name} {pass_name} {preset}",
-        impl=impl,
-        op=op_name,
-        **{"pass": pass_name},
-        preset=preset,
+    run_case(
+        benchmark, op=op_name, pass_name=pass_name, preset=preset, impl=impl,
+        forward=lambda: output_of(fn(*inputs)),
+        wrt=[t for t in wrt if t.requires_grad],
+        grad_outputs=torch.randn(B, K, D, device=DEVICE, dtype=DTYPE),
+        allow_unused=True,
         shape=f"B={B} N={N} inp={inp_dim} D={D} K={K}",
-        bytes=nbytes,
-        flops=flops,
+        cost=cost(B, N, inp_dim, D, K, iters, backward),
     )

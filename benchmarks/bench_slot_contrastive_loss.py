@@ -10,24 +10,15 @@ or directly:
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 import kdfast.ops
 from kdfast import reference
 
-from .conftest import DEVICE, DTYPE, implementation_names, make_implementation, measure, synchronize
-
-contrastive_ops = importlib.import_module("kdfast.ops.slot_contrastive_loss")
-
-# SlotContrast configs (design.md 3.1): batch 64 per GPU, clips of 4 frames; the slots of the batch are pooled
-# (batch_contrast, SlotContrast's default), S = B*K. Small enough for the 2-core CPU machines as they are.
-PRESETS = {"movi-c": (64, 4, 11, 64), "movi-e": (64, 4, 15, 128), "ytvis": (64, 4, 7, 64)}  # (B, T, K, D)
-TEMPERATURE = 0.1  # SlotContrast's
-
-PASSES = ("fwd", "fwd+bwd")
+from .conftest import DEVICE, DTYPE, FWD_BWD, bench_cases, implementation_names, make_implementation, run_case
+from .presets import CONTRASTIVE_TEMPERATURE as TEMPERATURE
+from .presets import SLOTCONTRAST
 
 
 # A named function rather than a partial: torch.compile gets a plain function with a code object of its own.
@@ -56,38 +47,23 @@ def cost(B: int, T: int, K: int, D: int, backward: bool) -> tuple[int, int]:
     return nbytes, flops
 
 
-CASES = [
-    pytest.param(pass_name, preset, impl, id=f"slot_contrastive_loss-{pass_name}-{preset}-{impl}")
-    for pass_name in PASSES
-    for preset in PRESETS
-    for impl in implementation_names("slot_contrastive_loss")
-]
+CASES = bench_cases(["slot_contrastive_loss"], SLOTCONTRAST, lambda op, pass_name: implementation_names(op))
 
 
-@pytest.mark.parametrize("pass_name, preset, impl", CASES)
-def test_slot_contrastive_loss(benchmark, pass_name, preset, impl):
-    B, T, K, D = PRESETS[preset]
-    backward = pass_name == "fwd+bwd"
+@pytest.mark.parametrize("op, pass_name, preset, impl", CASES)
+def test_slot_contrastive_loss(benchmark, op, pass_name, preset, impl):
+    # SlotContrast's clips, the slots of the batch pooled (batch_contrast, SlotContrast's default): S = B*K. Small
+    # enough for the 2-core CPU machines as they are.
+    shapes = SLOTCONTRAST[preset]
+    B, T, K, D = shapes.batch, shapes.frames, shapes.slots, shapes.slot_dim
+    backward = pass_name == FWD_BWD
     fn = make_implementation(impl, reference_loss, kdfast_loss)
     slots = torch.randn(B, T, K, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
-    grad_output = torch.randn((), device=DEVICE, dtype=DTYPE)
-
-    def step():
-        out = fn(slots)
-        if backward:
-            torch.autograd.grad(out, slots, grad_output)
-        synchronize()
-
-    nbytes, flops = cost(B, T, K, D, backward)
-    measure(
-        benchmark,
-        step,
-        group=f"slot_contrastive_loss {pass_name} {preset}",
-        impl=impl,
-        op="slot_contrastive_loss",
-        **{"pass": pass_name},
-        preset=preset,
+    run_case(
+        benchmark, op=op, pass_name=pass_name, preset=preset, impl=impl,
+        forward=lambda: fn(slots),
+        wrt=(slots,),
+        grad_outputs=torch.randn((), device=DEVICE, dtype=DTYPE),
         shape=f"B={B} T={T} K={K} D={D} S={B * K}",
-        bytes=nbytes,
-        flops=flops,
+        cost=cost(B, T, K, D, backward),
     )

@@ -17,15 +17,9 @@ import torch
 
 import kdfast.ops
 from kdfast import reference
-from kdfast.ops import slot_match as slot_match_ops
 
-from .conftest import DEVICE, DTYPE, implementation_names, make_implementation, measure, synchronize
-
-# SlotContrast configs (design.md 3.1), batch 64 per GPU; teachers have as many slots as students. The shapes
-# are small enough for the 2-core CPU machines as they are, so CPU runs use them unchanged.
-PRESETS = {"movi-c": (64, 11, 64), "movi-e": (64, 15, 128), "ytvis": (64, 7, 64)}  # (B, K, D)
-
-PASSES = ("fwd", "fwd+bwd")
+from .conftest import DEVICE, DTYPE, FWD_BWD, bench_cases, implementation_names, make_implementation, run_case
+from .presets import SLOTCONTRAST
 
 
 @dataclass(frozen=True)
@@ -105,47 +99,28 @@ def cost(op: Op, B: int, K: int, M: int, D: int, backward: bool) -> tuple[int, i
     return nbytes, flops
 
 
-CASES = [
-    pytest.param(op_name, pass_name, preset, impl, id=f"{op_name}-{pass_name}-{preset}-{impl}")
-    for op_name, op in OPS.items()
-    for pass_name in PASSES
-    for preset in PRESETS
-    for impl in implementation_names(op.op)
-]
+CASES = bench_cases(OPS, SLOTCONTRAST, lambda op_name, pass_name: implementation_names(OPS[op_name].op))
 
 
 @pytest.mark.parametrize("op_name, pass_name, preset, impl", CASES)
 def test_slot_match(benchmark, op_name, pass_name, preset, impl):
     op = OPS[op_name]
-    B, K, D = PRESETS[preset]
-    M = K
-    backward = pass_name == "fwd+bwd"
+    shapes = SLOTCONTRAST[preset]  # on CPU too: small enough for the 2-core machines as they are
+    B, K, D = shapes.batch, shapes.slots, shapes.slot_dim
+    M = K  # teachers have as many slots as students
+    backward = pass_name == FWD_BWD
     fn = make_implementation(impl, op.reference, op.kdfast)
 
     x = torch.randn(B, K, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
     # The teacher of the loss gets no gradient; both sides of the similarity do.
     y = torch.randn(B, M, D, device=DEVICE, dtype=DTYPE, requires_grad=backward and op.pairwise)
-    wrt = (x, y) if op.pairwise else (x,)
-    grad_output = torch.randn((B, K, M) if op.pairwise else (), device=DEVICE, dtype=DTYPE)
-
-    def step():
-        out = fn(x, y)
-        if backward:
-            torch.autograd.grad(out, wrt, grad_output)
-        synchronize()
-
-    nbytes, flops = cost(op, B, K, M, D, backward)
-    measure(
-        benchmark,
-        step,
-        group=f"{op_name} {pass_name} {preset}",
-        impl=impl,
-        op=op_name,
-        **{"pass": pass_name},
-        preset=preset,
+    run_case(
+        benchmark, op=op_name, pass_name=pass_name, preset=preset, impl=impl,
+        forward=lambda: fn(x, y),
+        wrt=(x, y) if op.pairwise else (x,),
+        grad_outputs=torch.randn((B, K, M) if op.pairwise else (), device=DEVICE, dtype=DTYPE),
         shape=f"B={B} K={K} M={M} D={D}",
-        bytes=nbytes,
-        flops=flops,
+        cost=cost(op, B, K, M, D, backward),
     )
 
 
@@ -161,27 +136,16 @@ def reference_assignment(similarity):
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the batched assignment kernel runs on CUDA tensors only")
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", SLOTCONTRAST)
 @pytest.mark.parametrize("impl", ASSIGNMENT_IMPLEMENTATIONS)
 def test_slot_assignment(benchmark, preset, impl):
-    B, K, _ = PRESETS[preset]
+    B, K = SLOTCONTRAST[preset].batch, SLOTCONTRAST[preset].slots
     fn = reference_assignment if impl == "eager" else functools.partial(kdfast.ops.slot_assignment, backend="triton")
     # cosines, in float32 as slot_match_loss computes them for the matching whatever the slots' dtype
     similarity = torch.rand(B, K, K, device=DEVICE) * 2 - 1
-
-    def step():
-        fn(similarity)
-        synchronize()
-
-    measure(
-        benchmark,
-        step,
-        group=f"slot_assignment fwd {preset}",
-        impl=impl,
-        op="slot_assignment",
-        **{"pass": "fwd"},
-        preset=preset,
+    run_case(
+        benchmark, op="slot_assignment", pass_name="fwd", preset=preset, impl=impl,
+        forward=lambda: fn(similarity),
         shape=f"B={B} K={K} M={K}",
-        bytes=B * K * K * similarity.element_size() + B * K * 8,
-        flops=0,
+        cost=(B * K * K * similarity.element_size() + B * K * 8, 0),
     )

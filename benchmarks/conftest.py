@@ -1,4 +1,7 @@
-"""Shared setup of the benchmark suites: the device and dtype, the implementations compared, the timing helper.
+"""Shared setup of the benchmark suites: the device and dtype, the implementations compared, the cases, the timing.
+
+A suite (bench_<op>.py) is its inputs, its cost model (bytes and FLOPs) and its reference: it lists its cases with
+:func:`bench_cases` (shapes from presets.py) and times each with :func:`run_case`.
 
 Environment:
     KDFAST_BENCH_DEVICE  ``cuda`` or ``cpu`` (default: cuda when available, else cpu).
@@ -14,7 +17,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import pytest
 import torch
@@ -31,6 +34,10 @@ KDFAST_BACKENDS = ("triton", "cuda", "cpp", "reference")
 
 # Calls before timing: the first compiles (torch.compile, Triton autotuning), the next ones warm the caches.
 WARMUP_CALLS = 3
+
+# The passes every op is timed in: the forward alone, and the forward then the backward.
+PASSES = ("fwd", "fwd+bwd")
+FWD_BWD = "fwd+bwd"
 
 
 def keep_freed_memory() -> bool:
@@ -138,3 +145,59 @@ def measure(benchmark, step: Callable[[], None], group: str, **extra_info) -> No
     if DEVICE.type == "cuda":
         benchmark.extra_info["peak_memory_bytes"] = peak_memory_bytes(step)
     benchmark(step)
+
+
+def bench_cases(ops: Iterable[str], presets: Iterable[str], implementations: Callable[[str, str], list[str]],
+                passes: Sequence[str] = PASSES) -> list:
+    """The (op, pass_name, preset, impl) params of a suite, in report order, with ids ``<op>-<pass>-<preset>-<impl>``
+    (a ``:`` in an op name becomes ``-``). ``implementations(op, pass_name)`` names the implementations compared."""
+    presets = list(presets)
+    return [
+        pytest.param(op, pass_name, preset, impl, id=f"{op.replace(':', '-')}-{pass_name}-{preset}-{impl}")
+        for op in ops
+        for pass_name in passes
+        for preset in presets
+        for impl in implementations(op, pass_name)
+    ]
+
+
+def make_step(forward: Callable[[], object], wrt: Sequence[torch.Tensor] = (), grad_outputs=None,
+              allow_unused: bool = False) -> Callable[[], None]:
+    """The timed step: ``forward()`` then, when ``wrt`` is given, the gradients of its output(s) w.r.t. ``wrt``
+    (torch.autograd.grad with ``grad_outputs``: tensors, or a callable of the output computing them inside the
+    step), then :func:`synchronize`."""
+    if not wrt:
+        def step():
+            forward()
+            synchronize()
+    elif callable(grad_outputs):
+        def step():
+            out = forward()
+            torch.autograd.grad(out, wrt, grad_outputs(out), allow_unused=allow_unused)
+            synchronize()
+    else:
+        def step():
+            torch.autograd.grad(forward(), wrt, grad_outputs, allow_unused=allow_unused)
+            synchronize()
+    return step
+
+
+def run_case(benchmark, *, op: str, pass_name: str, preset: str, impl: str, forward: Callable[[], object],
+             wrt: Sequence[torch.Tensor] = (), grad_outputs=None, allow_unused: bool = False, shape: str,
+             cost: tuple[int, int], group: str | None = None) -> None:
+    """Time one case of a suite: :func:`make_step` (the backward only in the ``fwd+bwd`` pass), then :func:`measure`
+    with the case's metadata (group ``<op> <pass> <preset>`` unless given; ``cost`` is (bytes, flops))."""
+    step = make_step(forward, wrt if pass_name == FWD_BWD else (), grad_outputs, allow_unused)
+    nbytes, flops = cost
+    measure(
+        benchmark,
+        step,
+        group=group or f"{op} {pass_name} {preset}",
+        impl=impl,
+        op=op,
+        **{"pass": pass_name},
+        preset=preset,
+        shape=shape,
+        bytes=nbytes,
+        flops=flops,
+    )
