@@ -282,8 +282,8 @@ def run(options: Options) -> dict:
         report["summary"]["feature_l1_lora_qv"] = rows[3]["feature L1 to teacher"]
         qv = f" LoRA on q and v only reaches {rows[3][probe]:.2f} (feature L1 {rows[3]['feature L1 to teacher']:.3f})."
     report["conclusion"] = (
-        f"The teacher probes {teacher_row[probe]:.2f} on {len(held_out)} held-out images. Keeping every "
-        f"{settings.reduction}-th block (weight copy alone) drops the probe to {copy_row[probe]:.2f} (feature L1 "
+        f"The teacher probes {teacher_row[probe]:.2f} on {len(held_out)} held-out images. Keeping one block in "
+        f"{settings.reduction} (weight copy alone) drops the probe to {copy_row[probe]:.2f} (feature L1 "
         f"{copy_row['feature L1 to teacher']:.3f}); training LoRA on q, k, v, proj, fc1 and fc2 on {len(few_shot)} "
         f"images (WeCoLoRA) brings it to {student_row[probe]:.2f} (feature L1 "
         f"{student_row['feature L1 to teacher']:.3f}), {student_row[probe] - copy_row[probe]:+.2f} over weight copy."
