@@ -100,3 +100,36 @@ def _call(eager, op, args):
     if isinstance(eager, type) and issubclass(eager, torch.autograd.Function):
         return eager.apply(*args)
     return eager(*args)
+
+
+def wire_autograd(op, forward, setup, grads, backward_op, backward, *, once_differentiable=False):
+    """Registers the autograd of the custom op ``op`` and returns its eager twin, both built from one set of pieces.
+
+    ``forward(*inputs)`` is what the op runs; ``setup(ctx, inputs, output)`` saves what the backward reads;
+    ``grads(ctx, *grad_outputs, backward=b)`` gives the inputs' gradients (None for non-tensors) through ``b``:
+    the backward custom op ``backward_op`` in the registered formula, which torch.compile traces, and its
+    implementation ``backward`` in the returned autograd.Function, which eager calls take (through
+    :func:`eager_or_traced`) to skip the dispatcher's round trips. ``once_differentiable``: the eager backward
+    refuses a double backward, as the kernels have none.
+    """
+
+    def traced_backward(ctx, *grad_outputs):
+        return grads(ctx, *grad_outputs, backward=backward_op)
+
+    op.register_autograd(traced_backward, setup_context=setup)
+
+    def eager_forward(ctx, *inputs):
+        output = forward(*inputs)
+        setup(ctx, inputs, output)
+        return output
+
+    def eager_backward(ctx, *grad_outputs):
+        return grads(ctx, *grad_outputs, backward=backward)
+
+    if once_differentiable:
+        eager_backward = torch.autograd.function.once_differentiable(eager_backward)
+    name = getattr(op, "_name", "op")  # the op's name without its namespace
+    return type("".join(part.title() for part in name.split("_")), (torch.autograd.Function,), {
+        "__doc__": f"The eager path of kdfast::{name}: its autograd without the dispatcher's round trips.",
+        "forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward),
+    })

@@ -32,7 +32,7 @@ from torch import Tensor
 from kdfast import _backend, reference
 from kdfast._backend import Implementation, extension_op, triton_launcher
 from kdfast.ops import _validate
-from kdfast.ops._autograd import eager_or_traced
+from kdfast.ops._autograd import eager_or_traced, wire_autograd
 
 TARGETS = ("batch", "uniform")
 
@@ -153,32 +153,19 @@ def _(grad_class_sums, activations, labels, backend):
 
 def _statistics_setup(ctx, inputs, output):
     activations, labels, _, ctx.backend = inputs
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(activations, labels)
 
 
-def _statistics_op_backward(ctx, grad_class_sums, grad_counts):
+def _statistics_grads(ctx, grad_class_sums, grad_counts, backward):
     activations, labels = ctx.saved_tensors
-    return _gini_kl_statistics_backward(grad_class_sums, activations, labels, ctx.backend), None, None, None
+    return backward(grad_class_sums, activations, labels, ctx.backend), None, None, None
 
 
-_gini_kl_statistics.register_autograd(_statistics_op_backward, setup_context=_statistics_setup)
-
-
-class _GiniKLStatistics(torch.autograd.Function):
-    """The eager path of kdfast::gini_kl_statistics: the same kernels without the dispatcher round trips."""
-
-    @staticmethod
-    def forward(ctx, activations, labels, num_classes, backend):
-        class_sums, counts = _statistics(activations, labels, num_classes, backend)
-        ctx.mark_non_differentiable(counts)
-        ctx.backend = backend
-        ctx.save_for_backward(activations, labels)
-        return class_sums, counts
-
-    @staticmethod
-    def backward(ctx, grad_class_sums, grad_counts):
-        activations, labels = ctx.saved_tensors
-        return _statistics_backward(grad_class_sums, activations, labels, ctx.backend), None, None, None
+_GiniKLStatistics = wire_autograd(
+    _gini_kl_statistics, _statistics, _statistics_setup, _statistics_grads,
+    _gini_kl_statistics_backward, _statistics_backward,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,38 +197,48 @@ def _(grad_gini, grad_kl, class_sums, counts, target, delta, backend):
     return class_sums.new_empty(class_sums.shape)
 
 
-def _finish_setup(ctx, inputs, output):
+def _finish_setup(ctx, inputs, output, table=()):
+    """Saves the finish's inputs and, in eager mode, the ``table`` its forward computed (a custom op's outputs
+    cannot carry it, so the traced backward recomputes it)."""
     class_sums, counts, ctx.target, ctx.delta, ctx.backend = inputs
-    ctx.save_for_backward(class_sums, counts)
+    ctx.save_for_backward(class_sums, counts, *table)
 
 
-def _finish_op_backward(ctx, grad_gini, grad_kl):
-    class_sums, counts = ctx.saved_tensors
+def _finish_grads(ctx, grad_gini, grad_kl, backward):
+    """The gradient of the class sums (None for the other 4 inputs) through ``backward``: the backward op in the
+    registered formula, _finish_backward in eager mode."""
+    class_sums, counts, *table = ctx.saved_tensors
+    args = (grad_gini, grad_kl, class_sums, counts, ctx.target, ctx.delta, ctx.backend, tuple(table))
+    return backward(*args), None, None, None, None
+
+
+def _finish_backward_op(grad_gini, grad_kl, class_sums, counts, target, delta, backend, table):
+    # the op's backward takes tensors only: an unused output's gradient becomes a zero; the table is empty here
     zero = class_sums.new_zeros(())
     grad_gini = zero if grad_gini is None else grad_gini
     grad_kl = zero if grad_kl is None else grad_kl
-    args = (grad_gini, grad_kl, class_sums, counts, ctx.target, ctx.delta, ctx.backend)
-    return _gini_kl_from_statistics_backward(*args), None, None, None, None
+    return _gini_kl_from_statistics_backward(grad_gini, grad_kl, class_sums, counts, target, delta, backend)
 
 
-_gini_kl_from_statistics.register_autograd(_finish_op_backward, setup_context=_finish_setup)
+_gini_kl_from_statistics.register_autograd(
+    lambda ctx, grad_gini, grad_kl: _finish_grads(ctx, grad_gini, grad_kl, _finish_backward_op),
+    setup_context=_finish_setup,
+)
 
 
 class _GiniKLFromStatistics(torch.autograd.Function):
-    """The eager path of kdfast::gini_kl_from_statistics."""
+    """The eager path of kdfast::gini_kl_from_statistics: the op's setup and gradients, and the table the forward
+    computed saved for the backward (which the traced path must recompute)."""
 
     @staticmethod
     def forward(ctx, class_sums, counts, target, delta, backend):
         gini, kl, table = _finish(class_sums, counts, target, delta, backend)
-        ctx.target, ctx.delta, ctx.backend = target, delta, backend
-        ctx.save_for_backward(class_sums, counts, *table)
+        _finish_setup(ctx, (class_sums, counts, target, delta, backend), (gini, kl), table)
         return gini, kl
 
     @staticmethod
     def backward(ctx, grad_gini, grad_kl):
-        class_sums, counts, *table = ctx.saved_tensors
-        args = (grad_gini, grad_kl, class_sums, counts, ctx.target, ctx.delta, ctx.backend, tuple(table))
-        return _finish_backward(*args), None, None, None, None
+        return _finish_grads(ctx, grad_gini, grad_kl, _finish_backward)
 
 
 # --------------------------------------------------------------------------------------------------------------

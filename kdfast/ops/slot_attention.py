@@ -32,7 +32,7 @@ from torch import Tensor
 from kdfast import _backend, reference
 from kdfast._backend import Implementation, extension_op, triton_launcher
 from kdfast.ops import _validate
-from kdfast.ops._autograd import eager_or_traced
+from kdfast.ops._autograd import eager_or_traced, wire_autograd
 from kdfast.reference.slot_attention import iterations
 
 
@@ -120,10 +120,11 @@ def _core_setup(ctx, inputs, output):
     q, k, v, ctx.scale, ctx.eps, ctx.return_attn, ctx.backend = inputs
     updates, _, norm = output
     ctx.mark_non_differentiable(norm)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a tensor of zeros
     ctx.save_for_backward(q, k, v, updates, norm)
 
 
-def _saved_core_grads(ctx, grad_updates, grad_attn, backward):
+def _core_grads(ctx, grad_updates, grad_attn, grad_norm, backward):
     """The gradients of (q, k, v, and the 4 non-tensor inputs) from ``backward`` (the custom op or the kernels)."""
     q, k, v, updates, norm = ctx.saved_tensors
     if grad_updates is None:
@@ -134,34 +135,16 @@ def _saved_core_grads(ctx, grad_updates, grad_attn, backward):
     return *grads, None, None, None, None
 
 
-def _core_backward(ctx, grad_updates, grad_attn, grad_norm):
-    return _saved_core_grads(ctx, grad_updates, grad_attn, _slot_attention_core_backward)
-
-
-_slot_attention_core.register_autograd(_core_backward, setup_context=_core_setup)
-
-
 def _reference_core(q, k, v, scale, eps, return_attn, backend):
     updates, attn = reference.slot_attention_core(q, k, v, scale, eps)
     return updates, attn if return_attn else _no_attn(q, k), None
 
 
-class _SlotAttentionCore(torch.autograd.Function):
-    """The eager path of the Triton backend: the kernels called directly, without the custom op's dispatch."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, eps, return_attn, backend):
-        updates, attn, norm = _kernel_forward(q, k, v, scale, eps, return_attn, backend)
-        ctx.scale, ctx.eps, ctx.return_attn, ctx.backend = scale, eps, return_attn, backend
-        ctx.mark_non_differentiable(norm)
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a tensor of zeros
-        ctx.save_for_backward(q, k, v, updates, norm)
-        return updates, attn, norm
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_updates, grad_attn, grad_norm):
-        return _saved_core_grads(ctx, grad_updates, grad_attn, _kernel_backward)
+# The eager path of the Triton backend: the kernels called directly, without the custom op's dispatch.
+_SlotAttentionCore = wire_autograd(
+    _slot_attention_core, _kernel_forward, _core_setup, _core_grads, _slot_attention_core_backward, _kernel_backward,
+    once_differentiable=True,
+)
 
 
 def _cpp_core(q, k, v, scale, eps, return_attn, backend):
@@ -398,15 +381,17 @@ def _fused_backward_kernels(grad_slots, grad_attn, k, v, act, *args):
                                                     n_iters, scale, eps, hidden_normed)
 
 
-def _fused_setup(ctx, k, v, act, params, n_iters, scale, eps, hidden_normed, act_iters):
-    ctx.n_iters, ctx.scale, ctx.eps, ctx.hidden_normed, ctx.act_iters = n_iters, scale, eps, hidden_normed, act_iters
+def _fused_setup(ctx, inputs, output):
+    _, k, v, *params, ctx.n_iters, ctx.scale, ctx.eps, ctx.hidden_normed, ctx.act_iters = inputs
+    act = output[2]
     ctx.mark_non_differentiable(act)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(k, v, act, *params)
 
 
-def _fused_grads(ctx, grad_slots, grad_attn, backward):
-    """(grad of the initial slots or None, dk, dv, [grad of each parameter or None]) from ``backward`` (the
-    backward op or the kernels)."""
+def _fused_grads(ctx, grad_slots, grad_attn, grad_act, backward):
+    """The gradients of the fused op's inputs: the initial slots (or None), k, v, each parameter (or None), and
+    None for the 5 non-tensor arguments, from ``backward`` (the backward op or the kernels)."""
     k, v, act, *params = ctx.saved_tensors
     if grad_slots is None:
         grad_slots = act.new_zeros(act.shape[1], act.shape[2], params[0].shape[0])
@@ -414,37 +399,14 @@ def _fused_grads(ctx, grad_slots, grad_attn, backward):
                                     ctx.hidden_normed)
     # Only gradients through every iteration reach the initial slots (grad_last_only keeps the last one).
     dslots = dslots if ctx.act_iters == ctx.n_iters else None
-    return dslots, dk, dv, _parameter_grads(act, dact, params, ctx.hidden_normed)
+    return dslots, dk, dv, *_parameter_grads(act, dact, params, ctx.hidden_normed), None, None, None, None, None
 
 
-def _fused_setup_context(ctx, inputs, output):
-    _, k, v, *params, n_iters, scale, eps, hidden_normed, act_iters = inputs
-    _fused_setup(ctx, k, v, output[2], params, n_iters, scale, eps, hidden_normed, act_iters)
-
-
-def _fused_backward(ctx, grad_slots, grad_attn, grad_act):
-    dslots, dk, dv, dparams = _fused_grads(ctx, grad_slots, grad_attn, _slot_attention_iterations_triton_backward)
-    return dslots, dk, dv, *dparams, None, None, None, None, None
-
-
-_slot_attention_iterations_triton.register_autograd(_fused_backward, setup_context=_fused_setup_context)
-
-
-class _FusedIterations(torch.autograd.Function):
-    """The fused Triton iterations in eager mode: the kernels called directly, without the custom op's dispatch."""
-
-    @staticmethod
-    def forward(ctx, slots, k, v, n_iters, scale, eps, hidden_normed, act_iters, *params):
-        out, attn, act = _fused_forward_kernels(slots, k, v, *params, n_iters, scale, eps, hidden_normed, act_iters)
-        _fused_setup(ctx, k, v, act, params, n_iters, scale, eps, hidden_normed, act_iters)
-        ctx.set_materialize_grads(False)
-        return out, attn, act
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_slots, grad_attn, grad_act):
-        dslots, dk, dv, dparams = _fused_grads(ctx, grad_slots, grad_attn, _fused_backward_kernels)
-        return dslots, dk, dv, None, None, None, None, None, *dparams
+# The fused Triton iterations in eager mode: the kernels called directly, without the custom op's dispatch.
+_FusedIterations = wire_autograd(
+    _slot_attention_iterations_triton, _fused_forward_kernels, _fused_setup, _fused_grads,
+    _slot_attention_iterations_triton_backward, _fused_backward_kernels, once_differentiable=True,
+)
 
 
 @torch.compiler.assume_constant_result
@@ -462,7 +424,7 @@ def _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_onl
     if torch.compiler.is_compiling():
         s, attn, _ = _slot_attention_iterations_triton(s, k, v, *params, *args)
     else:
-        s, attn, _ = _FusedIterations.apply(s, k, v, *args, *params)
+        s, attn, _ = _FusedIterations.apply(s, k, v, *params, *args)
     return s, attn
 
 

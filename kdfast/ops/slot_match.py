@@ -22,7 +22,7 @@ from torch import Tensor
 from kdfast import _backend, reference
 from kdfast._backend import Implementation, extension_op, triton_launcher
 from kdfast.ops import _validate
-from kdfast.ops._autograd import eager_or_traced, reference_vjp
+from kdfast.ops._autograd import eager_or_traced, reference_vjp, wire_autograd
 
 MATCHINGS = ("index", "hungarian")
 REDUCTIONS = ("mean", "sum", "none")
@@ -101,25 +101,15 @@ def _cosine_setup(ctx, inputs, output):
     ctx.save_for_backward(a, b)
 
 
-def _cosine_op_backward(ctx, grad):
-    grad_a, grad_b = _slot_cosine_similarity_backward(grad, *ctx.saved_tensors, ctx.eps, ctx.backend)
+def _cosine_grads(ctx, grad, backward):
+    grad_a, grad_b = backward(grad, *ctx.saved_tensors, ctx.eps, ctx.backend)
     return grad_a, grad_b, None, None
 
 
-_slot_cosine_similarity.register_autograd(_cosine_op_backward, setup_context=_cosine_setup)
-
-
-class _SlotCosineSimilarity(torch.autograd.Function):
-    """The eager path: the same forward and backward as the custom op, without the dispatcher round trips."""
-
-    @staticmethod
-    def forward(ctx, a, b, eps, backend):
-        _cosine_setup(ctx, (a, b, eps, backend), None)
-        return _cosine_forward(a, b, eps, backend)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return *_cosine_backward(grad, *ctx.saved_tensors, ctx.eps, ctx.backend), None, None
+_SlotCosineSimilarity = wire_autograd(
+    _slot_cosine_similarity, _cosine_forward, _cosine_setup, _cosine_grads,
+    _slot_cosine_similarity_backward, _cosine_backward,
+)
 
 
 def slot_cosine_similarity(a: Tensor, b: Tensor, eps: float = 1e-8, *, backend: str | None = None) -> Tensor:
@@ -296,26 +286,14 @@ def _match_setup(ctx, inputs, output):
     ctx.save_for_backward(student, teacher, assignment)
 
 
-def _match_op_backward(ctx, grad):
-    grad_student = _slot_match_loss_backward(grad, *ctx.saved_tensors, ctx.reduction, ctx.eps, ctx.backend)
+def _match_grads(ctx, grad, backward):
+    grad_student = backward(grad, *ctx.saved_tensors, ctx.reduction, ctx.eps, ctx.backend)
     return grad_student, None, None, None, None, None
 
 
-_slot_match_loss.register_autograd(_match_op_backward, setup_context=_match_setup)
-
-
-class _SlotMatchLoss(torch.autograd.Function):
-    """The eager path: the same forward and backward as the custom op, without the dispatcher round trips."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, assignment, reduction, eps, backend):
-        _match_setup(ctx, (student, teacher, assignment, reduction, eps, backend), None)
-        return _match_forward(student, teacher, assignment, reduction, eps, backend)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_student = _match_backward(grad, *ctx.saved_tensors, ctx.reduction, ctx.eps, ctx.backend)
-        return grad_student, None, None, None, None, None
+_SlotMatchLoss = wire_autograd(
+    _slot_match_loss, _match_forward, _match_setup, _match_grads, _slot_match_loss_backward, _match_backward,
+)
 
 
 def slot_match_loss(
