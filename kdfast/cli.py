@@ -25,9 +25,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from kdfast._backend import BACKENDS
-from kdfast.train.loop import AMP_MODES, NonFiniteLoss, TrainingInterrupted
-from kdfast.train.recipes import RECIPES
+# The standard library only at import: torch and the recipes are imported inside main(), after its SIGTERM handler
+# is in place, so that a SIGTERM while they load (seconds) ends with one line too.
+RECIPES = ("slotmatch", "wecolora", "gini")  # kdfast.train.recipes.RECIPES, without importing the package
 
 
 class Stopped(BaseException):
@@ -42,15 +42,24 @@ def _stop(signum, frame):
     raise Stopped(signum)
 
 
+def _recipe_module(recipe: str):
+    from kdfast.train.recipes import RECIPES as modules
+
+    return importlib.import_module(modules[recipe])
+
+
 def _recipe_settings_help(recipe: str | None) -> str | None:
     if recipe not in RECIPES:
         return "kdfast train <recipe> --help lists the recipe's settings (--set keys) and their defaults."
     from kdfast.train.recipes._settings import describe
 
-    return f"settings of {recipe} (--set KEY=VALUE; defaults shown):\n" + describe(importlib.import_module(RECIPES[recipe]).Settings)
+    return f"settings of {recipe} (--set KEY=VALUE; defaults shown):\n" + describe(_recipe_module(recipe).Settings)
 
 
 def _parser(recipe: str | None = None) -> argparse.ArgumentParser:
+    from kdfast._backend import BACKENDS
+    from kdfast.train.loop import AMP_MODES
+
     parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fused kernels for knowledge distillation")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,bench,info}")
     train = commands.add_parser("train", help="run a recipe (slotmatch, wecolora, gini)",
@@ -104,8 +113,7 @@ def _train(args: argparse.Namespace) -> int:
     out = options.out_dir(args.recipe)
     if options.resume and not any(out.glob("**/checkpoint.pt")):
         raise FileNotFoundError(f"--resume: no checkpoint under {str(out)!r} (nothing to resume)")
-    recipe = importlib.import_module(RECIPES[args.recipe])
-    report = recipe.run(options)
+    report = _recipe_module(args.recipe).run(options)
     if _is_main():
         print(format_report(report))
         print(f"report written to {out / 'report.json'}")
@@ -136,32 +144,33 @@ def _info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # everything after it, --help included, belongs to report.py
-        args = argparse.Namespace(command="bench", rest=argv[1:])
-    else:  # the recipe (the word after "train") picks the settings that --help lists
-        args = _parser(argv[1] if argv[:1] == ["train"] and len(argv) > 1 else None).parse_args(argv)
-    debug = getattr(args, "debug", False) or os.environ.get("KDFAST_DEBUG", "") not in ("", "0")
-    # SIGTERM outside a training phase (fit installs its own handler, which checkpoints): one line, no traceback.
+    debug = "--debug" in argv or os.environ.get("KDFAST_DEBUG", "") not in ("", "0")
+    # SIGTERM outside a training phase (fit installs its own handler, which checkpoints), start-up included: one
+    # line, no traceback.
     previous = signal.signal(signal.SIGTERM, _stop) if _in_main_thread() else None
     try:
+        if argv[:1] == ["bench"]:  # everything after it, --help included, belongs to report.py
+            args = argparse.Namespace(command="bench", rest=argv[1:])
+        else:  # the recipe (the word after "train") picks the settings that --help lists
+            args = _parser(argv[1] if argv[:1] == ["train"] and len(argv) > 1 else None).parse_args(argv)
         if args.command == "train":
             return _train(args)
         if args.command == "bench":
             return _bench(args.rest)
         return _info()
-    except TrainingInterrupted as stop:
-        where = f"; checkpoint: {stop.path} (continue with --resume)" if stop.path else ""
-        print(f"kdfast: {signal.Signals(stop.signum).name}: stopped after step {stop.step}{where}", file=sys.stderr)
-        return 128 + stop.signum
     except Stopped as stop:
         return _fail(stop, debug, f"stopped by {stop.args[0]} outside a training phase (--resume continues from "
                      "the last checkpoint)", 128 + stop.signum)
     except KeyboardInterrupt as stop:
+        if _is_a(stop, "TrainingInterrupted"):
+            where = f"; checkpoint: {stop.path} (continue with --resume)" if stop.path else ""
+            print(f"kdfast: {signal.Signals(stop.signum).name}: stopped after step {stop.step}{where}", file=sys.stderr)
+            return 128 + stop.signum
         return _fail(stop, debug, "aborted (Ctrl-C)", 130)
-    except NonFiniteLoss as exc:
-        return _fail(exc, debug, str(exc), 3)
-    except (OSError, ValueError, TypeError, ImportError) as exc:  # OSError: FileNotFoundError, a full disk, ...
-        return _fail(exc, debug, str(exc), 2)
+    except (OSError, ValueError, TypeError, ImportError, RuntimeError) as exc:  # OSError: a missing file, a full disk
+        if isinstance(exc, RuntimeError) and not _is_a(exc, "NonFiniteLoss"):
+            raise
+        return _fail(exc, debug, str(exc), 3 if _is_a(exc, "NonFiniteLoss") else 2)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -175,6 +184,12 @@ def _fail(exc: BaseException, debug: bool, message: str, code: int) -> int:
     more = " (--debug shows the rest)" if len(lines) > 1 and not debug else ""
     print(f"kdfast: error: {lines[0]}{more}" if code in (2, 3) else f"kdfast: {lines[0]}", file=sys.stderr)
     return code
+
+
+def _is_a(exc: BaseException, name: str) -> bool:
+    """Whether exc is kdfast.train.loop's exception class ``name`` (never so when the loop was not imported)."""
+    loop = sys.modules.get("kdfast.train.loop")
+    return loop is not None and isinstance(exc, getattr(loop, name))
 
 
 def _in_main_thread() -> bool:
