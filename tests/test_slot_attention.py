@@ -6,7 +6,9 @@ import importlib
 
 import pytest
 import torch
-from harness import TOLERANCE, assert_close, dtypes, grads_of, implemented_cases, leaf, rand, relative_error
+from harness import (
+    TOLERANCE, assert_close, dtype_cases, dtype_params, grads_of, implemented_cases, leaf, rand, relative_error,
+)
 
 from kdfast import _backend, ops, reference
 from kdfast.nn import SlotAttention
@@ -42,26 +44,25 @@ def inputs(B, K, N, D, Dv, dtype=torch.float32, device="cpu"):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize(("device", "backend"), CASES)
-def test_core_matches_reference(device, backend, shape):
+@pytest.mark.parametrize(("device", "backend", "dtype"), dtype_cases(CASES))
+def test_core_matches_reference(device, backend, shape, dtype):
     B, K, N, D, Dv = shape
-    for dtype in dtypes(device, backend):
-        q, k, v = inputs(*shape, dtype=dtype, device=device)
-        q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
-        scale = 0.7 * D**-0.5
-        updates, attn = ops.slot_attention_core(q, k, v, scale=scale, eps=1e-8, backend=backend)
-        ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, scale, 1e-8)
-        assert updates.dtype == dtype and attn.dtype == dtype
-        assert updates.shape == (B, K, Dv) and attn.shape == (B, K, N)
-        assert_close(updates, ref_updates, dtype, f"{dtype} updates")
-        assert_close(attn, ref_attn, dtype, f"{dtype} attention")
-        # Gradients through both outputs (the masks are a loss input in SlotContrast), grad_output random.
-        grad_out = (rand(B, K, Dv, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
-        got = grads_of((updates, attn), (q, k, v), grad_out)
-        want = grads_of((ref_updates, ref_attn), (q64, k64, v64), grad_out)
-        for name, g, w in zip("qkv", got, want):
-            assert g.dtype == dtype and g.shape == w.shape
-            assert_close(g, w, dtype, f"{dtype} grad of {name}")
+    q, k, v = inputs(*shape, dtype=dtype, device=device)
+    q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
+    scale = 0.7 * D**-0.5
+    updates, attn = ops.slot_attention_core(q, k, v, scale=scale, eps=1e-8, backend=backend)
+    ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, scale, 1e-8)
+    assert updates.dtype == dtype and attn.dtype == dtype
+    assert updates.shape == (B, K, Dv) and attn.shape == (B, K, N)
+    assert_close(updates, ref_updates, dtype, f"{dtype} updates")
+    assert_close(attn, ref_attn, dtype, f"{dtype} attention")
+    # Gradients through both outputs (the masks are a loss input in SlotContrast), grad_output random.
+    grad_out = (rand(B, K, Dv, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
+    got = grads_of((updates, attn), (q, k, v), grad_out)
+    want = grads_of((ref_updates, ref_attn), (q64, k64, v64), grad_out)
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert_close(g, w, dtype, f"{dtype} grad of {name}")
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -154,27 +155,27 @@ def test_non_contiguous_and_expanded_inputs(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_large_logits_stay_finite(device, backend):
+@pytest.mark.parametrize("dtype", dtype_params(torch.float64, torch.float32))
+def test_large_logits_stay_finite(device, backend, dtype):
     """scale * 100: the softmax over the slots saturates; no NaN or inf, and still the reference's numbers."""
     B, K, N, D = 2, 7, 37, 48
-    for dtype in (torch.float64, torch.float32):
-        q, k, v = inputs(B, K, N, D, D, dtype=dtype, device=device)
-        q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
-        scale = 100 * D**-0.5
-        updates, attn = ops.slot_attention_core(q, k, v, scale=scale, backend=backend)
-        assert torch.isfinite(updates).all() and torch.isfinite(attn).all()
-        ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, scale)
-        assert_close(updates, ref_updates, dtype, f"{dtype} updates")
-        assert_close(attn, ref_attn, dtype, f"{dtype} attention")
-        grad_out = (rand(B, K, D, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
-        got = grads_of((updates, attn), (q, k, v), grad_out)
-        want = grads_of((ref_updates, ref_attn), (q64, k64, v64), grad_out)
-        for name, g, w in zip("qkv", got, want):
-            assert torch.isfinite(g).all(), f"{dtype} grad of {name} is not finite"
-            # dq and dk carry the logit scale (~14 here, logits ~100): float32 rounding alone leaves ~1e-5 in
-            # them, so float32 checks finiteness there and float64 checks the numbers.
-            if dtype == torch.float64 or name == "v":
-                assert_close(g, w, dtype, f"{dtype} grad of {name}")
+    q, k, v = inputs(B, K, N, D, D, dtype=dtype, device=device)
+    q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
+    scale = 100 * D**-0.5
+    updates, attn = ops.slot_attention_core(q, k, v, scale=scale, backend=backend)
+    assert torch.isfinite(updates).all() and torch.isfinite(attn).all()
+    ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, scale)
+    assert_close(updates, ref_updates, dtype, f"{dtype} updates")
+    assert_close(attn, ref_attn, dtype, f"{dtype} attention")
+    grad_out = (rand(B, K, D, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
+    got = grads_of((updates, attn), (q, k, v), grad_out)
+    want = grads_of((ref_updates, ref_attn), (q64, k64, v64), grad_out)
+    for name, g, w in zip("qkv", got, want):
+        assert torch.isfinite(g).all(), f"{dtype} grad of {name} is not finite"
+        # dq and dk carry the logit scale (~14 here, logits ~100): float32 rounding alone leaves ~1e-5 in
+        # them, so float32 checks finiteness there and float64 checks the numbers.
+        if dtype == torch.float64 or name == "v":
+            assert_close(g, w, dtype, f"{dtype} grad of {name}")
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
@@ -250,39 +251,39 @@ def test_gradcheck(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_custom_op_autograd_matches_reference(device, backend):
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float64))
+def test_custom_op_autograd_matches_reference(device, backend, dtype):
     """Eager calls may take a faster path than the custom op; torch.compile always calls the op, so its autograd
     formula (a backward custom op) is checked directly: values, gradients of both outputs and of each alone."""
     op = torch.ops.kdfast.slot_attention_core.default
     shape = (2, 5, 37, 48, 20)
-    for dtype in (torch.float32, torch.float64):
-        q, k, v = inputs(*shape, dtype=dtype, device=device)
-        q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
-        updates, attn, norm = op(q, k, v, 0.3, 1e-8, True, backend)
-        outs = (updates, attn)
-        refs = reference.slot_attention_core(q64, k64, v64, 0.3, 1e-8)
-        assert norm.shape == (2, 5) and not norm.requires_grad
-        assert_close(norm, (refs[1] + 1e-8).sum(-1), dtype, f"{dtype} norm Z")
-        for name, o, r in zip(("updates", "attention"), outs, refs):
-            assert o.dtype == dtype
-            assert_close(o, r, dtype, f"{dtype} {name}")
-        grad_out = [rand(*r.shape, dtype=dtype, device=device) for r in refs]
-        for used in ((0, 1), (0,), (1,)):
-            got = torch.autograd.grad([outs[i] for i in used], (q, k, v), [grad_out[i] for i in used], retain_graph=True)
-            want = torch.autograd.grad(
-                [refs[i] for i in used], (q64, k64, v64), [grad_out[i].double() for i in used],
-                retain_graph=True, allow_unused=True,
-            )
-            for name, g, w in zip("qkv", got, want):
-                assert_close(g, torch.zeros_like(g) if w is None else w, dtype, f"{dtype} outputs {used}: grad of {name}")
-        # Without the masks: an empty (B, K, 0) placeholder, the same updates and gradients.
-        updates, attn, _ = op(q, k, v, 0.3, 1e-8, False, backend)
-        assert attn.shape == (2, 5, 0)
-        assert_close(updates, refs[0], dtype, f"{dtype} updates without masks")
-        got = torch.autograd.grad(updates, (q, k, v), grad_out[0])
-        want = torch.autograd.grad(refs[0], (q64, k64, v64), grad_out[0].double(), retain_graph=True)
+    q, k, v = inputs(*shape, dtype=dtype, device=device)
+    q64, k64, v64 = (leaf(t.double()) for t in (q, k, v))
+    updates, attn, norm = op(q, k, v, 0.3, 1e-8, True, backend)
+    outs = (updates, attn)
+    refs = reference.slot_attention_core(q64, k64, v64, 0.3, 1e-8)
+    assert norm.shape == (2, 5) and not norm.requires_grad
+    assert_close(norm, (refs[1] + 1e-8).sum(-1), dtype, f"{dtype} norm Z")
+    for name, o, r in zip(("updates", "attention"), outs, refs):
+        assert o.dtype == dtype
+        assert_close(o, r, dtype, f"{dtype} {name}")
+    grad_out = [rand(*r.shape, dtype=dtype, device=device) for r in refs]
+    for used in ((0, 1), (0,), (1,)):
+        got = torch.autograd.grad([outs[i] for i in used], (q, k, v), [grad_out[i] for i in used], retain_graph=True)
+        want = torch.autograd.grad(
+            [refs[i] for i in used], (q64, k64, v64), [grad_out[i].double() for i in used],
+            retain_graph=True, allow_unused=True,
+        )
         for name, g, w in zip("qkv", got, want):
-            assert_close(g, w, dtype, f"{dtype} without masks: grad of {name}")
+            assert_close(g, torch.zeros_like(g) if w is None else w, dtype, f"{dtype} outputs {used}: grad of {name}")
+    # Without the masks: an empty (B, K, 0) placeholder, the same updates and gradients.
+    updates, attn, _ = op(q, k, v, 0.3, 1e-8, False, backend)
+    assert attn.shape == (2, 5, 0)
+    assert_close(updates, refs[0], dtype, f"{dtype} updates without masks")
+    got = torch.autograd.grad(updates, (q, k, v), grad_out[0])
+    want = torch.autograd.grad(refs[0], (q64, k64, v64), grad_out[0].double(), retain_graph=True)
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, dtype, f"{dtype} without masks: grad of {name}")
     q, k, v = inputs(2, 3, 4, 3, 2, dtype=torch.float64, device=device)
     assert torch.autograd.gradcheck(lambda q, k, v: op(q, k, v, 0.8, 1e-8, True, backend)[:2], (q, k, v))
 
@@ -453,7 +454,8 @@ def _eager_module(inp_dim, slot_dim, options, dtype=torch.float64):
 
 @pytest.mark.parametrize("config", MODULE_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c[2].items()) or "defaults")
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_module_matches_eager_module_on_its_state_dict(device, backend, config):
+@pytest.mark.parametrize("dtype", dtype_params(torch.float64, torch.float32))
+def test_module_matches_eager_module_on_its_state_dict(device, backend, config, dtype):
     """A state_dict saved from the eager module loads unchanged and gives the same slots, masks and gradients
     (of the slots, the features and every parameter), in float64 and in float32 against float64."""
     inp_dim, slot_dim, options = config
@@ -466,23 +468,22 @@ def test_module_matches_eager_module_on_its_state_dict(device, backend, config):
     grad_masks = rand(B, K, N, dtype=torch.float64, device=device)
     wrt_eager = (slots64, features64, *eager.parameters())
     want_grads = torch.autograd.grad((want["slots"], want["masks"]), wrt_eager, (grad_slots, grad_masks))
-    for dtype in (torch.float64, torch.float32):
-        module = SlotAttention(inp_dim, slot_dim, **options, backend=backend).to(device=device, dtype=dtype)
-        assert set(module.state_dict()) == set(state)
-        module.load_state_dict(state)  # copied into the module's dtype
-        slots, features = leaf(slots64.to(dtype)), leaf(features64.to(dtype))
-        got = module(slots, features)
-        assert set(got) == {"slots", "masks"}
-        assert got["slots"].dtype == dtype and got["masks"].shape == (B, K, N)
-        assert_close(got["slots"], want["slots"], dtype, f"{dtype} slots")
-        assert_close(got["masks"], want["masks"], dtype, f"{dtype} masks")
-        names = ["slots", "features", *(name for name, _ in eager.named_parameters())]
-        assert names[2:] == [name for name, _ in module.named_parameters()]
-        got_grads = torch.autograd.grad((got["slots"], got["masks"]), (slots, features, *module.parameters()),
-                                        (grad_slots.to(dtype), grad_masks.to(dtype)))
-        for name, g, w in zip(names, got_grads, want_grads):
-            assert g.dtype == dtype
-            assert_close(g, w, dtype, f"{dtype} grad of {name}")
+    module = SlotAttention(inp_dim, slot_dim, **options, backend=backend).to(device=device, dtype=dtype)
+    assert set(module.state_dict()) == set(state)
+    module.load_state_dict(state)  # copied into the module's dtype
+    slots, features = leaf(slots64.to(dtype)), leaf(features64.to(dtype))
+    got = module(slots, features)
+    assert set(got) == {"slots", "masks"}
+    assert got["slots"].dtype == dtype and got["masks"].shape == (B, K, N)
+    assert_close(got["slots"], want["slots"], dtype, f"{dtype} slots")
+    assert_close(got["masks"], want["masks"], dtype, f"{dtype} masks")
+    names = ["slots", "features", *(name for name, _ in eager.named_parameters())]
+    assert names[2:] == [name for name, _ in module.named_parameters()]
+    got_grads = torch.autograd.grad((got["slots"], got["masks"]), (slots, features, *module.parameters()),
+                                    (grad_slots.to(dtype), grad_masks.to(dtype)))
+    for name, g, w in zip(names, got_grads, want_grads):
+        assert g.dtype == dtype
+        assert_close(g, w, dtype, f"{dtype} grad of {name}")
 
 
 def test_module_state_dict_round_trip_and_defaults():
@@ -506,7 +507,8 @@ def test_module_state_dict_round_trip_and_defaults():
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
-def test_iterations_match_reference(device, backend):
+@pytest.mark.parametrize("dtype", dtype_params(torch.float64, torch.float32))
+def test_iterations_match_reference(device, backend, dtype):
     """ops.slot_attention against reference.slot_attention: both GRU hidden states, gradients through every
     iteration or the last only, values and gradients of slots, k, v and every parameter."""
     eager = _eager_module(20, 16, {"kvq_dim": 12, "hidden_dim": 24}).to(device)
@@ -514,26 +516,25 @@ def test_iterations_match_reference(device, backend):
     B, K, N = 2, 3, 29
     for gru_hidden in ("normed", "prev"):
         for grad_last_only in (False, True):
-            for dtype in (torch.float64, torch.float32):
-                slots, k, v = (leaf(rand(*shape, dtype=dtype, device=device)) for shape in ((B, K, 16), (B, N, 12), (B, N, 12)))
-                p = {name: leaf(t.to(dtype)) for name, t in params.items()}
-                got = ops.slot_attention(slots, k, v, p, 3, gru_hidden=gru_hidden, grad_last_only=grad_last_only, backend=backend)
-                inputs64 = [leaf(t.double()) for t in (slots, k, v)]
-                p64 = {name: leaf(t.double()) for name, t in p.items()}
-                want = reference.slot_attention(*inputs64, p64, 3, None, 1e-8, gru_hidden, grad_last_only)
-                what = f"{gru_hidden}, grad_last_only={grad_last_only}, {dtype}"
-                for name, g, w in zip(("slots", "masks"), got, want):
-                    assert g.dtype == dtype
-                    assert_close(g, w, dtype, f"{what}: {name}")
-                grad_out = (rand(B, K, 16, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
-                wrt = (slots, k, v, *p.values())
-                got_grads = torch.autograd.grad(got, wrt, grad_out, allow_unused=True)
-                want_grads = torch.autograd.grad(want, (*inputs64, *p64.values()), [g.double() for g in grad_out], allow_unused=True)
-                for name, g, w in zip(("slots", "k", "v", *p), got_grads, want_grads):
-                    if w is None:  # grad_last_only: the initial slots get no gradient
-                        assert g is None or not g.any(), f"{what}: grad of {name} should be zero"
-                        continue
-                    assert_close(g, w, dtype, f"{what}: grad of {name}")
+            slots, k, v = (leaf(rand(*shape, dtype=dtype, device=device)) for shape in ((B, K, 16), (B, N, 12), (B, N, 12)))
+            p = {name: leaf(t.to(dtype)) for name, t in params.items()}
+            got = ops.slot_attention(slots, k, v, p, 3, gru_hidden=gru_hidden, grad_last_only=grad_last_only, backend=backend)
+            inputs64 = [leaf(t.double()) for t in (slots, k, v)]
+            p64 = {name: leaf(t.double()) for name, t in p.items()}
+            want = reference.slot_attention(*inputs64, p64, 3, None, 1e-8, gru_hidden, grad_last_only)
+            what = f"{gru_hidden}, grad_last_only={grad_last_only}, {dtype}"
+            for name, g, w in zip(("slots", "masks"), got, want):
+                assert g.dtype == dtype
+                assert_close(g, w, dtype, f"{what}: {name}")
+            grad_out = (rand(B, K, 16, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
+            wrt = (slots, k, v, *p.values())
+            got_grads = torch.autograd.grad(got, wrt, grad_out, allow_unused=True)
+            want_grads = torch.autograd.grad(want, (*inputs64, *p64.values()), [g.double() for g in grad_out], allow_unused=True)
+            for name, g, w in zip(("slots", "k", "v", *p), got_grads, want_grads):
+                if w is None:  # grad_last_only: the initial slots get no gradient
+                    assert g is None or not g.any(), f"{what}: grad of {name} should be zero"
+                    continue
+                assert_close(g, w, dtype, f"{what}: grad of {name}")
 
 
 @pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "cpp"])
@@ -648,37 +649,37 @@ def test_without_masks(device, backend):
 
 @pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "triton"])
 @pytest.mark.parametrize("return_attn", [True, False])
-def test_triton_tiles_and_chunks_cover_every_token(device, backend, return_attn):
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float64))
+def test_triton_tiles_and_chunks_cover_every_token(device, backend, return_attn, dtype):
     """Small forced tiles: several chunks per batch element (partial sums reduced in order), several tiles per
     chunk, a partial last tile and chunk, K padded to 16 and D, Dv to powers of two."""
     kernels = importlib.import_module("kdfast.kernels.slot_attention")
     B, K, N, D, Dv = 2, 7, 77, 24, 40
-    for dtype in (torch.float32, torch.float64):
-        q, k, v = inputs(B, K, N, D, Dv, dtype=dtype, device=device)
-        k = leaf(rand(B, D, N, dtype=dtype, device=device)).transpose(1, 2)  # strided keys
-        q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
-        ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, 0.4, 1e-8)
-        grad_updates = rand(B, K, Dv, dtype=dtype, device=device)
-        grad_attn = rand(B, K, N, dtype=dtype, device=device) if return_attn else None
-        want = torch.autograd.grad(
-            [ref_updates, ref_attn] if return_attn else [ref_updates], (q64, k64, v64),
-            [grad_updates.double(), grad_attn.double()] if return_attn else [grad_updates.double()],
-        )
-        for block_n, chunk in ((16, 32), (16, 16), (32, 96)):
-            with torch.no_grad():
-                updates, attn, norm = kernels.slot_attention_core_forward(q, k, v, 0.4, 1e-8, return_attn, block_n, chunk)
-                grads = kernels.slot_attention_core_backward(
-                    grad_updates, grad_attn, q, k, v, updates, norm, 0.4, 1e-8, block_n, chunk
-                )
-            what = f"{dtype}, block_n={block_n}, chunk={chunk}"
-            assert_close(updates, ref_updates, dtype, f"{what}: updates")
-            assert_close(norm, (ref_attn + 1e-8).sum(-1), dtype, f"{what}: norm")
-            if return_attn:
-                assert_close(attn, ref_attn, dtype, f"{what}: attention")
-            else:
-                assert attn.shape == (B, K, 0)
-            for name, g, w in zip("qkv", grads, want):
-                assert_close(g, w, dtype, f"{what}: grad of {name}")
+    q, k, v = inputs(B, K, N, D, Dv, dtype=dtype, device=device)
+    k = leaf(rand(B, D, N, dtype=dtype, device=device)).transpose(1, 2)  # strided keys
+    q64, k64, v64 = (leaf(t.detach().double()) for t in (q, k, v))
+    ref_updates, ref_attn = reference.slot_attention_core(q64, k64, v64, 0.4, 1e-8)
+    grad_updates = rand(B, K, Dv, dtype=dtype, device=device)
+    grad_attn = rand(B, K, N, dtype=dtype, device=device) if return_attn else None
+    want = torch.autograd.grad(
+        [ref_updates, ref_attn] if return_attn else [ref_updates], (q64, k64, v64),
+        [grad_updates.double(), grad_attn.double()] if return_attn else [grad_updates.double()],
+    )
+    for block_n, chunk in ((16, 32), (16, 16), (32, 96)):
+        with torch.no_grad():
+            updates, attn, norm = kernels.slot_attention_core_forward(q, k, v, 0.4, 1e-8, return_attn, block_n, chunk)
+            grads = kernels.slot_attention_core_backward(
+                grad_updates, grad_attn, q, k, v, updates, norm, 0.4, 1e-8, block_n, chunk
+            )
+        what = f"{dtype}, block_n={block_n}, chunk={chunk}"
+        assert_close(updates, ref_updates, dtype, f"{what}: updates")
+        assert_close(norm, (ref_attn + 1e-8).sum(-1), dtype, f"{what}: norm")
+        if return_attn:
+            assert_close(attn, ref_attn, dtype, f"{what}: attention")
+        else:
+            assert attn.shape == (B, K, 0)
+        for name, g, w in zip("qkv", grads, want):
+            assert_close(g, w, dtype, f"{what}: grad of {name}")
 
 
 @pytest.mark.parametrize(("device", "backend"), [c for c in CASES if c.values[1] == "triton"])
@@ -740,41 +741,41 @@ FUSED_CONFIGS = [
 
 
 @pytest.mark.parametrize("config", FUSED_CONFIGS, ids=lambda c: "-".join(map(str, c[:7])) + f"-{c[8]}-{c[10]}it" + ("-last" if c[9] else "") + "".join(f"-{k}={v}" for k, v in c[7].items()))
-@pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
-def test_fused_iterations_match_reference(device, backend, config):
+@pytest.mark.parametrize(("device", "backend", "dtype"), dtype_cases(TRITON_CASES))
+def test_fused_iterations_match_reference(device, backend, config, dtype):
     """The fused kernels against the float64 reference: slots, masks and the gradients of slots, k, v and every
     parameter, from both outputs and from the masks alone; k and v strided (a transposed projection output)."""
     B, K, N, D, Dq, Dv, Dh, layers, gru_hidden, grad_last_only, n_iters = config
     params64 = _iteration_params(D, Dq, Dv, Dh, **layers, device=device)
-    for dtype in dtypes(device, backend):
-        p = {name: leaf(t.to(dtype)) for name, t in params64.items()}
-        slots = leaf(rand(B, K, D, dtype=dtype, device=device))
-        k = leaf(rand(B, Dq, N, dtype=dtype, device=device)).transpose(1, 2)
-        v = leaf(rand(B, Dv, N, dtype=dtype, device=device)).transpose(1, 2)
-        got = ops.slot_attention(slots, k, v, p, n_iters, gru_hidden=gru_hidden, grad_last_only=grad_last_only, backend=backend)
-        inputs64 = [leaf(t.detach().double()) for t in (slots, k, v)]
-        p64 = {name: leaf(t.detach().double()) for name, t in p.items()}
-        want = reference.slot_attention(*inputs64, p64, n_iters, None, 1e-8, gru_hidden, grad_last_only)
-        for name, g, w in zip(("slots", "masks"), got, want):
-            assert g.dtype == dtype and g.shape == w.shape
-            assert_close(g, w, dtype, f"{dtype}: {name}")
-        grad_out = (rand(B, K, D, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
-        wrt, wrt64 = (slots, k, v, *p.values()), (*inputs64, *p64.values())
-        for used in ((0, 1), (1,)):
-            got_grads = torch.autograd.grad([got[i] for i in used], wrt, [grad_out[i] for i in used], allow_unused=True, retain_graph=True)
-            want_grads = torch.autograd.grad([want[i] for i in used], wrt64, [grad_out[i].double() for i in used],
-                                             allow_unused=True, retain_graph=True)
-            for name, g, w in zip(("slots", "k", "v", *p), got_grads, want_grads):
-                what = f"{dtype}, outputs {used}: grad of {name}"
-                if w is None:  # grad_last_only: the initial slots get none, nor does v from the masks alone
-                    assert g is None or not g.any(), what
-                    continue
-                assert g.dtype == dtype and g.shape == w.shape, what
-                assert_close(g, w, dtype, what)
+    p = {name: leaf(t.to(dtype)) for name, t in params64.items()}
+    slots = leaf(rand(B, K, D, dtype=dtype, device=device))
+    k = leaf(rand(B, Dq, N, dtype=dtype, device=device)).transpose(1, 2)
+    v = leaf(rand(B, Dv, N, dtype=dtype, device=device)).transpose(1, 2)
+    got = ops.slot_attention(slots, k, v, p, n_iters, gru_hidden=gru_hidden, grad_last_only=grad_last_only, backend=backend)
+    inputs64 = [leaf(t.detach().double()) for t in (slots, k, v)]
+    p64 = {name: leaf(t.detach().double()) for name, t in p.items()}
+    want = reference.slot_attention(*inputs64, p64, n_iters, None, 1e-8, gru_hidden, grad_last_only)
+    for name, g, w in zip(("slots", "masks"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert_close(g, w, dtype, f"{dtype}: {name}")
+    grad_out = (rand(B, K, D, dtype=dtype, device=device), rand(B, K, N, dtype=dtype, device=device))
+    wrt, wrt64 = (slots, k, v, *p.values()), (*inputs64, *p64.values())
+    for used in ((0, 1), (1,)):
+        got_grads = torch.autograd.grad([got[i] for i in used], wrt, [grad_out[i] for i in used], allow_unused=True, retain_graph=True)
+        want_grads = torch.autograd.grad([want[i] for i in used], wrt64, [grad_out[i].double() for i in used],
+                                         allow_unused=True, retain_graph=True)
+        for name, g, w in zip(("slots", "k", "v", *p), got_grads, want_grads):
+            what = f"{dtype}, outputs {used}: grad of {name}"
+            if w is None:  # grad_last_only: the initial slots get none, nor does v from the masks alone
+                assert g is None or not g.any(), what
+                continue
+            assert g.dtype == dtype and g.shape == w.shape, what
+            assert_close(g, w, dtype, what)
 
 
 @pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
-def test_fused_iterations_large_logits_and_determinism(device, backend):
+@pytest.mark.parametrize("dtype", dtype_params(torch.float64, torch.float32))
+def test_fused_iterations_large_logits_and_determinism(device, backend, dtype):
     """scale x 100 saturates the softmax and the GRU's gates. Logits of ~100 make the problem itself
     ill-conditioned for float32 (the float32 reference strays up to ~5e-6 from the float64 one), so, as for the
     core, the numbers, gradients included, are checked in float64 and float32 checks finiteness; in both, two
@@ -790,16 +791,15 @@ def test_fused_iterations_large_logits_and_determinism(device, backend):
         return (*out, *torch.autograd.grad(out, (*inputs, *params.values()), [torch.ones_like(o) for o in out]))
 
     fused = lambda *args, **kwargs: ops.slot_attention(*args, **kwargs, backend=backend)
-    for dtype in (torch.float64, torch.float32):
-        inputs, params = [t.to(dtype) for t in inputs64], {n: t.to(dtype) for n, t in params64.items()}
-        first, second = (outputs_and_grads(fused, inputs, params) for _ in range(2))
-        for a, b in zip(first, second):
-            assert torch.isfinite(a).all() and torch.equal(a, b), dtype
-        if dtype == torch.float64:
-            want = outputs_and_grads(reference.slot_attention, inputs64, params64)
-            names = ("slots", "masks", "grad of slots", "grad of k", "grad of v", *(f"grad of {n}" for n in params64))
-            for name, g, w in zip(names, first, want):
-                assert_close(g, w, torch.float64, f"large logits: {name}")
+    inputs, params = [t.to(dtype) for t in inputs64], {n: t.to(dtype) for n, t in params64.items()}
+    first, second = (outputs_and_grads(fused, inputs, params) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.isfinite(a).all() and torch.equal(a, b), dtype
+    if dtype == torch.float64:
+        want = outputs_and_grads(reference.slot_attention, inputs64, params64)
+        names = ("slots", "masks", "grad of slots", "grad of k", "grad of v", *(f"grad of {n}" for n in params64))
+        for name, g, w in zip(names, first, want):
+            assert_close(g, w, torch.float64, f"large logits: {name}")
 
 
 @pytest.mark.parametrize(("device", "backend"), TRITON_CASES)
