@@ -33,6 +33,7 @@ from kdfast import _backend, reference
 from kdfast._backend import Implementation, extension_op, triton_launcher
 from kdfast.ops import _validate
 from kdfast.ops._autograd import eager_or_traced, wire_autograd
+from kdfast.reference._common import accumulator_dtype
 from kdfast.reference.slot_attention import iterations
 
 
@@ -50,17 +51,13 @@ def _triton_core_limit(K: int, D: int, Dv: int) -> str | None:
             f"K x max(D, Dv) <= {kernels.MAX_SLOT_TILE} (each padded to a power of two), got K={K}, D={D}, Dv={Dv}")
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _no_attn(q: Tensor, k: Tensor) -> Tensor:
     return q.new_empty(q.shape[0], q.shape[1], 0)
 
 
 def _reference_forward(q, k, v, scale, eps, return_attn):
     updates, attn = reference.slot_attention_core(q, k, v, scale, eps)
-    acc = _acc(q.dtype)
+    acc = accumulator_dtype(q.dtype)
     logits = scale * torch.bmm(q.to(acc), k.to(acc).transpose(1, 2))
     norm = (torch.softmax(logits, dim=1) + eps).sum(-1)
     return updates, attn if return_attn else _no_attn(q, k), norm
@@ -91,7 +88,7 @@ def _slot_attention_core(
 def _(q, k, v, scale, eps, return_attn, backend):
     B, K, _ = q.shape
     N = k.shape[1] if return_attn else 0
-    return q.new_empty(B, K, v.shape[2]), q.new_empty(B, K, N), q.new_empty(B, K, dtype=_acc(q.dtype))
+    return q.new_empty(B, K, v.shape[2]), q.new_empty(B, K, N), q.new_empty(B, K, dtype=accumulator_dtype(q.dtype))
 
 
 @torch.library.custom_op("kdfast::slot_attention_core_backward", mutates_args=())
@@ -500,7 +497,7 @@ def slot_attention(
     eps = _check_core_inputs(slots.new_empty(B, K, Dq), k, v, eps)
     scale = Dq**-0.5 if scale is None else _validate.finite("scale", scale)
     out = slots.dtype
-    acc = _acc(_validate.compute_dtype(slots, k, v, *p.values()))
+    acc = accumulator_dtype(_validate.compute_dtype(slots, k, v, *p.values()))
     chosen = _backend.resolve("slot_attention_core", backend, slots.device.type, (K, Dq, v.shape[2]))
     s, k, v = _validate.cast(acc, slots, k, v)
     p = {key: value if value.dtype == acc else value.to(acc) for key, value in p.items()}
