@@ -1,22 +1,31 @@
-"""``kdfast train gini``: a small ResNet trained with CE + Gini + KL (arXiv 2202.07073) against CE alone.
+"""``kdfast train gini``: a small CNN trained with CE + Gini + KL (arXiv 2202.07073) against CE alone.
 
 Data: scikit-learn's ``load_digits`` by default (1797 8x8 images of 10 digits, shipped inside scikit-learn: no
 download), split once and for all (stratified, 1257 train / 540 test, ``random_state=0``), or the embedded
 ``shapes`` (``--set dataset=shapes``), or ``--data`` (an ImageFolder directory or a CIFAR-style .npz).
 
+Network (``model``): by default a plain CNN, three 3x3 convolution + batch norm + ReLU stages (16, 32, 64
+channels, 2x2 max pooling before the 2nd and 3rd), global average pooling, a linear head; ``model=resnet`` is the
+small ResNet of the previous version. The Gini/KL terms (kdfast.nn.GiniKLLoss) act on the last stage's ReLU map
+(``gini_layers=2`` or 3: the last 2 or 3 stages, each term averaged over them as the official code does).
+
 For each seed (``seeds`` of them, from ``--seed``) both runs start from the same initial weights and see the same
-batches; the Gini/KL terms (kdfast.nn.GiniKLLoss) act on the last stage's activations and switch on after
-``gini_warmup_steps``. Weights: design.md's 0.5 / 0.5 by default (the paper's values as design.md states them);
-``--set gini_weight=0.5 --set kl_weight=0.2`` gives the per-layer defaults of the official code's ``final_loss`` as
-read by /work/shared/findings/recipes.md, ``0.8`` / ``0.2`` the variant the issue tracker quotes.
+batches. Weights: design.md's 0.5 / 0.5 by default (the paper's values as design.md states them). The official
+code's ``final_loss`` (read via the search tool) takes per-layer lists that default to 0.5 (Gini) and 0.2 (KL),
+averages over the layers, weights a single tensor 1 / 1 and has no warm-up of its own: ``--set kl_weight=0.2``
+gives its defaults; ``0.8`` / ``0.2`` is the variant the issue tracker quotes. The terms are on from the first
+step (``gini_warmup_steps=0``, as the official ``final_loss`` and the measured findings); design.md's warm-up is
+``--set gini_warmup_steps=200``.
 
 Each ``label_noise`` rate (percent) is a condition: that fraction of the training labels is replaced by another
-class, drawn once from a fixed generator (the same for every seed and both runs); the test labels stay clean. The
-default runs clean labels and 20% noise: on clean digits the terms drive the features' Gini down but buy no
-accuracy (measured: +0.0006 +- 0.0011), under label noise they give a consistent gain (findings, 3/3 seeds; the
-noise conditions were chosen after the clean result was known, and a control with shuffled labels for the terms
-gave +0.008). The report gives, per condition, the held-out accuracy of both runs per seed, their mean and std,
-the paired gain, the feature Gini and KL; it writes ``curves.png`` and ends with a few sentences.
+class, drawn once from a fixed generator (the same for every seed and both runs); the test labels stay clean.
+The default runs clean labels and 20% noise. The noise condition was chosen (by the findings, then here) after
+the clean result showed no effect: on clean digits CE is at 0.994 and the terms buy nothing, under 20% noise they
+give a consistent gain for this CNN (measured at these defaults: +0.017 +- 0.009, 5/5 seeds). ``gini_labels=shuffled``
+runs a control that feeds the terms labels shuffled within the batch: at widths 16/32/64 it keeps most of the gain
+(+0.013), at ``widths=32,64,128`` it does not (+0.004 against +0.024 with the true labels); see
+docs/recipes/gini/experiments.md. The report gives, per condition, the held-out accuracy of both runs per seed,
+their mean and std, the paired gain, the feature Gini and KL; it writes ``curves.png`` and ends with a few sentences.
 """
 
 from __future__ import annotations
@@ -51,20 +60,30 @@ class Settings:
     lr: float = setting(LR, "peak learning rate (AdamW)")
     warmup_steps: int = setting(20, "linear warm-up steps of the learning rate")
     checkpoint_every: int = setting(100, "steps between checkpoints (0: at the end and when stopped only)")
-    seeds: int = setting(3, "seeds per condition (--seed, --seed + 1, ...)")
+    seeds: int = setting(5, "seeds per condition (--seed, --seed + 1, ...)")
     label_noise: tuple[int, ...] = setting((0, 20), "training-label noise rates in percent, one condition each")
     image_size: int = setting(IMAGE_SIZE, "image side in pixels (shapes and --data; digits are 8x8)")
-    widths: tuple[int, ...] = setting((16, 32, 64), "channels of the ResNet's stages")
+    model: str = setting("cnn", "resnet (a small ResNet, one basic block per stage) or cnn (plain 3x3 convolutions)")
+    widths: tuple[int, ...] = setting((16, 32, 64), "channels of the network's stages")
+    batch_norm: bool = setting(True, "cnn: batch normalisation after each convolution")
     train_samples: int = setting(10_000, "synthetic training images (shapes)")
     eval_samples: int = setting(EVAL_SAMPLES, "synthetic held-out images (shapes)")
     gini_weight: float = setting(0.5, "weight of the Gini term (design.md: 0.5)")
     kl_weight: float = setting(0.5, "weight of the KL term (design.md: 0.5)")
-    gini_warmup_steps: int = setting(200, "steps before the Gini/KL terms switch on")
+    gini_warmup_steps: int = setting(0, "steps before the Gini/KL terms switch on (design.md: a warm-up)")
+    gini_labels: str = setting("true", "labels the terms see: true, or shuffled within the batch (a control)")
+    gini_layers: int = setting(1, "the last stages the terms act on (averaged over them, as the official code)")
     pictures: bool = setting(True, "write curves.png")
 
     def check(self) -> None:
         if self.dataset not in ("digits", "shapes"):
             raise ValueError(f"--set dataset={self.dataset}: expected digits or shapes")
+        if self.gini_labels not in ("true", "shuffled"):
+            raise ValueError(f"--set gini_labels={self.gini_labels}: expected true or shuffled")
+        if self.model not in ("resnet", "cnn"):
+            raise ValueError(f"--set model={self.model}: expected resnet or cnn")
+        if not 1 <= self.gini_layers <= len(self.widths):
+            raise ValueError(f"--set gini_layers={self.gini_layers}: expected 1 to {len(self.widths)} (the stages)")
         if any(rate >= 100 for rate in self.label_noise):
             raise ValueError(f"--set label_noise={','.join(map(str, self.label_noise))}: rates are percent below 100")
 
@@ -98,38 +117,76 @@ class SmallResNet(nn.Module):
         self.stages = nn.Sequential(*[_Block(widths[max(0, i - 1)], w, 1 if i == 0 else 2) for i, w in enumerate(widths)])
         self.head = nn.Linear(widths[-1], num_classes)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.stages(self.stem(images))
-        return self.head(features.mean((2, 3))), features
+    def forward(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        x, maps = self.stem(images), []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return self.head(x.mean((2, 3))), maps
+
+
+class SmallCNN(nn.Module):
+    """A plain CNN (no residual): per stage a 3x3 convolution, batch normalisation (optional) and a ReLU, 2x2 max
+    pooling before every stage but the first, global average pooling and a linear head. forward: (B, C, H, W) ->
+    (logits, [each stage's ReLU map])."""
+
+    def __init__(self, num_classes: int, widths: tuple[int, ...] = (16, 32, 64), in_channels: int = 3,
+                 stem_stride: int = 1, batch_norm: bool = True):
+        super().__init__()
+        layers, cin = [], in_channels
+        for i, w in enumerate(widths):
+            pool = [nn.MaxPool2d(2)] if i > 0 or stem_stride > 1 else []
+            norm = [nn.BatchNorm2d(w)] if batch_norm else []
+            layers.append(nn.Sequential(*pool, nn.Conv2d(cin, w, 3, 1, 1, bias=not batch_norm), *norm, nn.ReLU()))
+            cin = w
+        self.stages = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        x, maps = images, []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return self.head(x.mean((2, 3))), maps
+
+
+def network(settings: "Settings", num_classes: int, channels: int, stride: int) -> nn.Module:
+    if settings.model == "resnet":
+        return SmallResNet(num_classes, settings.widths, channels, stride)
+    return SmallCNN(num_classes, settings.widths, channels, stride, settings.batch_norm)
 
 
 class ClassifierTask(nn.Module):
     """CE, plus GiniKLLoss on the last stage's activations when ``criterion`` is given."""
 
-    def __init__(self, net: SmallResNet, criterion: GiniKLLoss | None = None):
+    def __init__(self, net: nn.Module, criterion: GiniKLLoss | None = None, layers: int = 1,
+                 shuffled_labels: bool = False):
         super().__init__()
-        self.net, self.criterion = net, criterion
+        self.net, self.criterion, self.layers, self.shuffled_labels = net, criterion, layers, shuffled_labels
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits, features = self.net(batch["image"])
+        logits, maps = self.net(batch["image"])
         labels = batch["label"]
         ce = F.cross_entropy(logits, labels)
         outputs = {"ce": ce, "accuracy": (logits.argmax(1) == labels).float().mean()}
         loss = ce
         if self.criterion is not None:
-            loss = loss + self.criterion(features.float(), labels)
+            chosen = [m.float() for m in maps[-self.layers:]]
+            targets = labels[torch.randperm(len(labels), device=labels.device)] if self.shuffled_labels else labels
+            loss = loss + self.criterion(chosen[0] if len(chosen) == 1 else chosen, targets)
             outputs.update(gini=self.criterion.gini, kl=self.criterion.kl)
         outputs["loss"] = loss
         return outputs
 
 
 @torch.no_grad()
-def evaluate(net: SmallResNet, held_out, num_classes: int, device) -> dict[str, float]:
+def evaluate(net: nn.Module, held_out, num_classes: int, device) -> dict[str, float]:
     """Held-out accuracy, and the Gini impurity and KL of the last stage's activations over the whole set."""
     net.eval()
     correct, total, features, labels = 0, 0, [], []
     for batch in data.evaluation_batches(held_out, 256):
-        logits, f = net(batch["image"].to(device))
+        logits, maps = net(batch["image"].to(device))
+        f = maps[-1]
         correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
         total += len(batch["label"])
         features.append(f.float().abs().mean((2, 3)).cpu())
@@ -212,14 +269,15 @@ def run(options: Options) -> dict:
             batches = data.Batches(train_set, settings.batch_size, seed=seed)
             for name, with_gini in (("ce", False), ("ce+gini+kl", True)):
                 seed_everything(seed)  # same initial weights and batches for both runs
-                net = SmallResNet(num_classes, settings.widths, channels, stride)
+                net = network(settings, num_classes, channels, stride)
                 folder = f"{name}_noise{percent}_seed{seed}"  # one level under --out: what --resume looks for
                 cfg = config(options, f"gini [{folder}]", steps=settings.steps,
                              lr=settings.lr, warmup_steps=settings.warmup_steps, log_every=10)
                 criterion = (GiniKLLoss(num_classes, settings.gini_weight, settings.kl_weight,
                                         warmup_steps=settings.gini_warmup_steps, sync_ddp=True)
                              if with_gini else None)
-                result = fit(ClassifierTask(net, criterion), batches, cfg, out / folder, resume=options.resume,
+                task = ClassifierTask(net, criterion, settings.gini_layers, settings.gini_labels == "shuffled")
+                result = fit(task, batches, cfg, out / folder, resume=options.resume,
                              settings=identity)
                 scores = evaluate(net, held_out, num_classes, result.device)
                 accuracy[name].append(scores["accuracy"])
@@ -236,7 +294,7 @@ def run(options: Options) -> dict:
                                      "gain_mean": gain[0], "gain_std": gain[1],
                                      "seeds_gaining": sum(g > 0 for g in gains), "seeds": seeds}
     report = {"recipe": "gini", "data": source, "classes": num_classes, "held-out samples": len(held_out),
-              "parameters": parameter_count(SmallResNet(num_classes, settings.widths, channels, stride)),
+              "parameters": parameter_count(network(settings, num_classes, channels, stride)),
               "device": result.device, "backend": options.backend or "auto", "world size": result.world,
               "terms": f"{settings.gini_weight:g} x Gini + {settings.kl_weight:g} x KL, on after "
                        f"{settings.gini_warmup_steps} steps",
@@ -258,6 +316,18 @@ def run(options: Options) -> dict:
                          f"CE + Gini + KL {c['accuracy_gini_kl_mean']:.3f} +- {c['accuracy_gini_kl_std']:.3f} "
                          f"held-out accuracy over {len(seeds)} seeds (paired gain {c['gain_mean']:+.4f} +- "
                          f"{c['gain_std']:.4f}, {c['seeds_gaining']}/{len(seeds)} seeds gain).")
+    if settings.gini_labels == "shuffled":
+        sentences.append("This is the control run: the terms saw the batch's labels shuffled, so any gain here is "
+                         "regularisation, not discriminability.")
+    elif any(settings.label_noise) and options.data is None and settings.dataset == "digits":
+        sentences.append("The noisy condition was chosen after the clean one showed no effect. A control that feeds "
+                         "the terms labels shuffled within the batch (--set gini_labels=shuffled, 5 seeds, 20% noise) "
+                         "separates discriminability from regularisation: at these default widths (16, 32, 64) it "
+                         "gains +0.013 +- 0.010 against +0.017 +- 0.009 with the true labels, so most of that gain is "
+                         "regularisation; with --set widths=32,64,128 the true labels gain +0.024 +- 0.009 (5/5) and "
+                         "the shuffled ones +0.004 +- 0.011 (2/5), true minus shuffled +0.020 +- 0.011 (5/5): the "
+                         "label-informed effect the paper claims (widths chosen after these runs; "
+                         "docs/recipes/gini/experiments.md).")
     report["conclusion"] = " ".join(sentences)
     report["wall seconds"] = seconds
     return finish(report, out, settings)
