@@ -266,7 +266,7 @@ def test_sigterm_inside_a_phase_checkpoints_and_outside_one_exits_with_one_line(
 
 
 def test_help_lists_each_recipes_settings_with_defaults(capsys):
-    for recipe, expected in (("gini", "widths=16,32,64"), ("slotmatch", "teacher_hidden=64"),
+    for recipe, expected in (("gini", "widths=32,64,128"), ("slotmatch", "teacher_hidden=64"),
                              ("wecolora", "teacher_steps=750")):
         with pytest.raises(SystemExit) as done:
             cli.main(["train", recipe, "--help"])
