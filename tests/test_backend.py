@@ -11,7 +11,6 @@ from harness import rand
 
 import kdfast
 from kdfast import _backend, ops, reference
-from kdfast.ops import slot_match
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,6 @@ from torch import nn
 from kdfast import reference
 from kdfast.models.vit import Attention, Block
 from kdfast.nn import LoRAAttention, LoRALinear
-from kdfast.ops import lora
 
 peft = pytest.importorskip("peft")
 

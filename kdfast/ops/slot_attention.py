@@ -26,7 +26,6 @@ import importlib
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kdfast import _backend, reference

@@ -34,7 +34,6 @@ and ``curves.png`` and ends with a few sentences of what was shown.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
