@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 import torch
@@ -46,15 +47,11 @@ def _torchvision_library_loads() -> bool:
         raise ImportError(
             f"timm needs torchvision: pip install --no-deps --target {PRIVATE_TORCHVISION} torchvision==0.28.0"
         )
-    folder = next(iter(spec.submodule_search_locations))
-    library = next((f for f in os.listdir(folder) if f.startswith("_C.") and f.endswith((".so", ".pyd"))), None)
-    if library is None:
-        return False
-    try:
-        torch.ops.load_library(os.path.join(folder, library))
-    except OSError:
-        return False
-    return True
+    # Whether torchvision imports as it is, asked of a fresh interpreter: a load attempted here could fail where
+    # torchvision's own succeeds (it first puts its bundled libraries on the loader's path), and declaring the ops
+    # before such a load aborts the process (a duplicate registration), as with torch 2.14's CUDA build.
+    probe = f"import sys; sys.path.append({PRIVATE_TORCHVISION!r}); import torchvision"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300).returncode == 0
 
 
 def _declare_torchvision_ops() -> None:
