@@ -33,8 +33,19 @@ def test_cosine_similarity_matches_reference(device, backend, dtype, shape):
     assert out.dtype == dtype and out.shape == (B, K, M)
     assert_close(out, ref, dtype, f"{dtype} cosine")
     grad_out = rand(B, K, M, device=device)
-    for name, got, want in zip("ab", grads_of(out, (a, b), grad_out), grads_of(ref, (a64, b64), grad_out)):
-        assert_close(got, want, dtype, f"{dtype} grad of {name}")
+    for name, got, want, x, axis in zip("ab", grads_of(out, (a, b), grad_out), grads_of(ref, (a64, b64), grad_out),
+                                        (a, b), (2, 1)):
+        if D > 1:
+            assert_close(got, want, dtype, f"{dtype} grad of {name}")
+            continue
+        # At D = 1 all rows are parallel: the true gradient is exactly 0 (want holds float64 rounding only), and a
+        # float backend returns the rounding of (b^ - cos a^) / |a| summed over the other side: a few roundings of
+        # terms of size |g| / |x| each (plain autograd through x / ||x||, the reference backend, is not exact;
+        # the kernels' unit-vector form is), so at most 8 u sum |g| / |x|, which the 1e-5 absolute test is not
+        # when |x| is small (3e-5 at |b| = 0.009, seed 3839267311).
+        unit = torch.finfo(dtype).eps / 2
+        bound = 8 * unit * grad_out.abs().sum(axis).unsqueeze(-1) / x.detach().abs()
+        assert (got.abs() <= bound).all(), f"{dtype} grad of {name}: {got.abs().max().item():.3g} above {unit:.3g} rounding"
 
 
 @pytest.mark.parametrize("matching", ["index", "hungarian"])
