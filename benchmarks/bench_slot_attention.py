@@ -1,7 +1,8 @@
 """Benchmarks of slot attention (design.md 3.1): the core, and the SlotAttention module (2 and 3 iterations).
 
 Each case is one op, one pass (``fwd`` or ``fwd+bwd``), one preset shape and one implementation (see
-conftest.py). The module's baselines are an eager SlotContrast-style module written from the formula (below)
+conftest.py). The module's baselines are an eager SlotContrast-style module written from the formula
+(tests/eager_slot_attention.py, shared with the tests)
 and torch.compile of it; kdfast's module loads its state_dict. Run through ``python benchmarks/report.py``, or
 
     python -m pytest benchmarks/bench_slot_attention.py -p no:cacheprovider
@@ -11,44 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import kdfast.nn
 import kdfast.ops
 from kdfast import reference
+from tests.eager_slot_attention import EagerSlotAttention
 
 from .conftest import DEVICE, DTYPE, FWD_BWD, bench_cases, implementation_names, make_implementation, run_case
 from .presets import SLOT_ATTENTION_CPU_BATCH, SLOTCONTRAST
-
-
-class EagerSlotAttention(nn.Module):
-    """The SlotContrast / videosaur grouper as eager PyTorch (the baseline kdfast.nn.SlotAttention replaces)."""
-
-    def __init__(self, inp_dim, slot_dim, n_iters):
-        super().__init__()
-        self.to_k = nn.Linear(inp_dim, slot_dim, bias=False)
-        self.to_v = nn.Linear(inp_dim, slot_dim, bias=False)
-        self.to_q = nn.Linear(slot_dim, slot_dim, bias=False)
-        self.gru = nn.GRUCell(slot_dim, slot_dim)
-        self.mlp = nn.Module()
-        self.mlp.layers = nn.Sequential(
-            nn.LayerNorm(slot_dim), nn.Linear(slot_dim, 4 * slot_dim), nn.ReLU(), nn.Linear(4 * slot_dim, slot_dim)
-        )
-        self.norm_features = nn.LayerNorm(inp_dim)
-        self.norm_slots = nn.LayerNorm(slot_dim)
-        self.n_iters, self.eps, self.scale = n_iters, 1e-8, slot_dim**-0.5
-
-    def forward(self, slots, features):
-        features = self.norm_features(features)
-        keys, values = self.to_k(features), self.to_v(features)
-        for _ in range(self.n_iters):
-            slots = self.norm_slots(slots)
-            masks = torch.softmax(self.scale * torch.einsum("bkd,bnd->bkn", self.to_q(slots), keys), dim=1)
-            weights = masks + self.eps
-            updates = torch.einsum("bkn,bnd->bkd", weights / weights.sum(-1, keepdim=True), values)
-            slots = self.gru(updates.flatten(0, 1), slots.flatten(0, 1)).unflatten(0, slots.shape[:2])
-            slots = slots + self.mlp.layers(slots)
-        return {"slots": slots, "masks": masks}
 
 
 def reference_core(q, k, v):
@@ -67,7 +38,7 @@ def make_core(B, N, inp_dim, D, K, backward, iters):
 
 
 def make_module(B, N, inp_dim, D, K, backward, iters):
-    eager = EagerSlotAttention(inp_dim, D, iters).to(DEVICE, DTYPE)
+    eager = EagerSlotAttention(inp_dim, D, n_iters=iters).to(DEVICE, DTYPE)
     fused = kdfast.nn.SlotAttention(inp_dim, D, n_iters=iters).to(DEVICE, DTYPE)
     fused.load_state_dict(eager.state_dict())
     slots = torch.randn(B, K, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)

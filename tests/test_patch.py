@@ -10,6 +10,7 @@ import copy
 import peft
 import pytest
 import torch
+from eager_slot_attention import EagerSlotAttention
 from harness import leaf, rand
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from timm_import import timm
@@ -25,55 +26,6 @@ TIGHT = {"rtol": 1e-12, "atol": 1e-12}
 # ------------------------------------------------------------------------- videosaur-style slot attention
 
 
-class VideosaurMLP(nn.Module):
-    """videosaur's ``networks.MLP(d, d, [h], initial_layer_norm=True, residual=True)``."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.residual = True
-        self.layers = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-
-    def forward(self, x):
-        return x + self.layers(x)
-
-
-class VideosaurSlotAttention(nn.Module):
-    """videosaur's / SlotContrast's grouper, eager: step() is one iteration, forward() the loop."""
-
-    def __init__(self, inp_dim, slot_dim, kvq_dim=None, hidden_dim=None, n_iters=3, eps=1e-8, use_gru=True,
-                 use_mlp=True, use_ttt=False):
-        super().__init__()
-        kvq_dim = kvq_dim or slot_dim
-        self.to_k = nn.Linear(inp_dim, kvq_dim, bias=False)
-        self.to_v = nn.Linear(inp_dim, kvq_dim, bias=False)
-        self.to_q = nn.Linear(slot_dim, kvq_dim, bias=False)
-        self.gru = nn.GRUCell(kvq_dim, slot_dim) if use_gru else None
-        self.mlp = VideosaurMLP(slot_dim, hidden_dim or 4 * slot_dim) if use_mlp else None
-        self.norm_features, self.norm_slots = nn.LayerNorm(inp_dim), nn.LayerNorm(slot_dim)
-        self.n_iters, self.eps, self.scale, self.use_ttt = n_iters, eps, kvq_dim**-0.5, use_ttt
-
-    def step(self, slots, keys, values, masks=None):
-        slots = self.norm_slots(slots)
-        logits = torch.einsum("bsd,bfd->bsf", self.to_q(slots), keys) * self.scale
-        if masks is not None:
-            logits = logits.masked_fill(masks.unsqueeze(-1), float("-inf"))
-        attn = torch.softmax(logits, dim=1)
-        weights = (attn + self.eps) / (attn + self.eps).sum(-1, keepdim=True)
-        updates = torch.einsum("bsf,bfd->bsd", weights, values)
-        if self.gru is not None:
-            slots = self.gru(updates.flatten(0, 1), slots.flatten(0, 1)).unflatten(0, slots.shape[:2])
-        else:
-            slots = slots + updates
-        return (slots if self.mlp is None else self.mlp(slots)), attn
-
-    def forward(self, slots, features, n_iters=None):
-        features = self.norm_features(features)
-        keys, values = self.to_k(features), self.to_v(features)
-        for _ in range(self.n_iters if n_iters is None else n_iters):
-            slots, attn = self.step(slots, keys, values)
-        return {"slots": slots, "masks": attn}
-
-
 class SlotModel(nn.Module):
     """An encoder, a slot initialiser and the grouper, as a SlotContrast-style model holds them."""
 
@@ -81,7 +33,7 @@ class SlotModel(nn.Module):
         super().__init__()
         self.encoder = nn.Linear(10, 12)
         self.slots_init = nn.Parameter(torch.randn(1, 4, 8))
-        self.grouper = VideosaurSlotAttention(12, 8, **grouper)
+        self.grouper = EagerSlotAttention(12, 8, **grouper)
 
     def forward(self, x):
         return self.grouper(self.slots_init.expand(x.shape[0], -1, -1), self.encoder(x))
@@ -141,7 +93,7 @@ def test_slot_attention_with_an_unsupported_option_is_left_with_the_reason():
     with pytest.warns(UserWarning, match="nothing in SlotModel was swapped"):
         report = kdfast.patch(model)
     assert report.left == [("grouper", "option use_ttt=True is not computed by kdfast")]
-    assert isinstance(model.grouper, VideosaurSlotAttention)
+    assert isinstance(model.grouper, EagerSlotAttention)
 
 
 def test_unrecognised_model_is_untouched_with_a_warning():
@@ -157,7 +109,7 @@ def test_unrecognised_model_is_untouched_with_a_warning():
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_step_is_videosaurs_step(masked):
-    theirs = randomise(VideosaurSlotAttention(12, 8, kvq_dim=6)).double()
+    theirs = randomise(EagerSlotAttention(12, 8, kvq_dim=6)).double()
     ours = SlotAttention(12, 8, kvq_dim=6, backend="reference").double()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     slots, keys, values = (leaf(rand(*shape).double()) for shape in ((2, 4, 8), (2, 9, 6), (2, 9, 6)))
@@ -442,7 +394,7 @@ class Slot_Slot_Contrastive_Loss(SlotContrastLossBase):  # noqa: N801 - SlotCont
 class SlotContrastStyleModel(nn.Module):
     def __init__(self, batch_contrast=True):
         super().__init__()
-        self.grouper = VideosaurSlotAttention(12, 8)
+        self.grouper = EagerSlotAttention(12, 8)
         self.loss_fns = nn.ModuleDict({"contrast": Slot_Slot_Contrastive_Loss("processor.state", "processor.state",
                                                                                0.1, batch_contrast)})
 

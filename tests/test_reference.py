@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from eager_slot_attention import EagerSlotAttention
 from harness import dtype_params
 from torch import nn
 
@@ -414,52 +415,9 @@ def test_core_low_precision_dtype(dt, tol):
 # ----------------------------------------------------------------------------------------------
 
 
-class ResidualMLP(nn.Module):
-    """videosaur's networks.MLP(D, D, [Dh], initial_layer_norm=True, residual=True)."""
-
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.layers = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden_dim), nn.ReLU(),
-                                    nn.Linear(hidden_dim, dim))
-
-    def forward(self, inp):
-        return inp + self.layers(inp)
-
-
-class EagerSlotAttention(nn.Module):
-    """videosaur's SlotAttention (after the k/v projection) written with nn modules."""
-
-    def __init__(self, slot_dim, kvq_dim, hidden_dim, use_gru=True, use_mlp=True, gru_hidden="normed", eps=1e-8):
-        super().__init__()
-        self.to_q = nn.Linear(slot_dim, kvq_dim, bias=False)
-        self.gru = nn.GRUCell(kvq_dim, slot_dim) if use_gru else None
-        self.mlp = ResidualMLP(slot_dim, hidden_dim) if use_mlp else None
-        self.norm_slots = nn.LayerNorm(slot_dim)
-        self.gru_hidden = gru_hidden
-        self.eps = eps
-        self.scale = kvq_dim ** -0.5
-
-    def step(self, slots, keys, values):
-        normed = self.norm_slots(slots)
-        queries = self.to_q(normed)
-        dots = torch.einsum("bsd,bfd->bsf", queries, keys) * self.scale
-        pre_norm_attn = torch.softmax(dots, dim=1)
-        attn = pre_norm_attn + self.eps
-        attn = attn / attn.sum(-1, keepdim=True)
-        updates = torch.einsum("bsf,bfd->bsd", attn, values)
-        hidden = normed if self.gru_hidden == "normed" else slots
-        if self.gru is not None:
-            new = self.gru(updates.flatten(0, 1), hidden.flatten(0, 1)).unflatten(0, slots.shape[:2])
-        else:
-            new = hidden + updates
-        if self.mlp is not None:
-            new = self.mlp(new)
-        return new, pre_norm_attn
-
-
 def make_module(D=6, Dq=6, Dh=10, seed=50, **kw):
     torch.manual_seed(seed)
-    m = EagerSlotAttention(D, Dq, Dh, **kw).double()
+    m = EagerSlotAttention(D, D, Dq, Dh, **kw).double()
     with torch.no_grad():  # non-trivial LayerNorm affine params
         for mod in m.modules():
             if isinstance(mod, nn.LayerNorm):

@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+from eager_slot_attention import EagerSlotAttention
 from harness import (
     TOLERANCE, assert_close, dtype_cases, dtype_params, grads_of, implemented_cases, leaf, rand, relative_error,
 )
@@ -385,53 +386,6 @@ def test_bad_input_gets_a_clear_error(make, kwargs, error, message):
 
 
 # ================================================================================= iterations and the module
-
-
-class EagerSlotAttention(torch.nn.Module):
-    """The SlotContrast / videosaur grouper written from its formula: the eager module kdfast.nn.SlotAttention
-    replaces (same options, parameter names and outputs)."""
-
-    def __init__(self, inp_dim, slot_dim, kvq_dim=None, hidden_dim=None, n_iters=3, eps=1e-8, use_gru=True, use_mlp=True):
-        super().__init__()
-        nn = torch.nn
-        kvq_dim = kvq_dim or slot_dim
-        hidden_dim = hidden_dim or 4 * slot_dim
-        self.to_k = nn.Linear(inp_dim, kvq_dim, bias=False)
-        self.to_v = nn.Linear(inp_dim, kvq_dim, bias=False)
-        self.to_q = nn.Linear(slot_dim, kvq_dim, bias=False)
-        self.gru = nn.GRUCell(kvq_dim, slot_dim) if use_gru else None
-        if use_mlp:
-            self.mlp = nn.Module()
-            self.mlp.layers = nn.Sequential(
-                nn.LayerNorm(slot_dim), nn.Linear(slot_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, slot_dim)
-            )
-        else:
-            self.mlp = None
-        self.norm_features = nn.LayerNorm(inp_dim)
-        self.norm_slots = nn.LayerNorm(slot_dim)
-        self.n_iters, self.eps, self.scale = n_iters, eps, kvq_dim**-0.5
-
-    def step(self, slots, keys, values):
-        slots = self.norm_slots(slots)
-        queries = self.to_q(slots)
-        masks = torch.softmax(self.scale * torch.einsum("bkd,bnd->bkn", queries, keys), dim=1)  # over the slots
-        weights = masks + self.eps
-        weights = weights / weights.sum(-1, keepdim=True)  # weighted mean over the inputs
-        updates = torch.einsum("bkn,bnd->bkd", weights, values)
-        if self.gru is not None:
-            slots = self.gru(updates.flatten(0, 1), slots.flatten(0, 1)).unflatten(0, slots.shape[:2])
-        else:
-            slots = slots + updates
-        if self.mlp is not None:
-            slots = slots + self.mlp.layers(slots)
-        return slots, masks
-
-    def forward(self, slots, features, n_iters=None):
-        features = self.norm_features(features)
-        keys, values = self.to_k(features), self.to_v(features)
-        for _ in range(self.n_iters if n_iters is None else n_iters):
-            slots, masks = self.step(slots, keys, values)
-        return {"slots": slots, "masks": masks}
 
 
 # (inp_dim, slot_dim, options): the defaults, kvq_dim and hidden_dim of their own, no GRU, no MLP, neither.

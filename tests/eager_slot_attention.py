@@ -1,0 +1,68 @@
+"""The eager slot attention module kdfast.nn.SlotAttention replaces: videosaur's / SlotContrast's grouper written
+from its formula with nn modules (same options, parameter names, state_dict keys and outputs). One copy serves the
+tests (imported as ``eager_slot_attention``) and the benchmarks (as ``tests.eager_slot_attention``), so it imports
+nothing from the test harness."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResidualMLP(nn.Module):
+    """videosaur's ``networks.MLP(d, d, [h], initial_layer_norm=True, residual=True)``: x + layers(x)."""
+
+    residual = True  # what kdfast.patch reads to recognise the residual MLP
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layers(x)
+
+
+class EagerSlotAttention(nn.Module):
+    """Slot attention over (B, N, inp_dim) features for (B, K, slot_dim) slots.
+
+    ``step`` is one iteration on projected keys and values (B, N, kvq_dim); ``forward`` normalises and projects the
+    features once and runs ``n_iters`` steps. ``gru_hidden`` is the GRU's hidden state (and the residual's base when
+    there is no GRU): ``"normed"`` the layer-normalised slots (videosaur, SlotContrast), ``"prev"`` the slots as they
+    came in. ``masks`` (B, K) bool in ``step`` marks slots to leave out (videosaur's masking: -inf logits). Returns
+    the new slots and the attention (B, K, N), softmax over the slots, before the eps renormalisation."""
+
+    def __init__(self, inp_dim, slot_dim, kvq_dim=None, hidden_dim=None, n_iters=3, eps=1e-8, use_gru=True,
+                 use_mlp=True, gru_hidden="normed", use_ttt=False):
+        super().__init__()
+        kvq_dim = kvq_dim or slot_dim
+        self.to_k = nn.Linear(inp_dim, kvq_dim, bias=False)
+        self.to_v = nn.Linear(inp_dim, kvq_dim, bias=False)
+        self.to_q = nn.Linear(slot_dim, kvq_dim, bias=False)
+        self.gru = nn.GRUCell(kvq_dim, slot_dim) if use_gru else None
+        self.mlp = ResidualMLP(slot_dim, hidden_dim or 4 * slot_dim) if use_mlp else None
+        self.norm_features = nn.LayerNorm(inp_dim)
+        self.norm_slots = nn.LayerNorm(slot_dim)
+        self.n_iters, self.eps, self.scale = n_iters, eps, kvq_dim**-0.5
+        self.gru_hidden, self.use_ttt = gru_hidden, use_ttt
+
+    def step(self, slots, keys, values, masks=None):
+        normed = self.norm_slots(slots)
+        logits = self.scale * torch.einsum("bkd,bnd->bkn", self.to_q(normed), keys)
+        if masks is not None:
+            logits = logits.masked_fill(masks.unsqueeze(-1), float("-inf"))
+        attn = torch.softmax(logits, dim=1)  # over the slots
+        weights = (attn + self.eps) / (attn + self.eps).sum(-1, keepdim=True)  # weighted mean over the inputs
+        updates = torch.einsum("bkn,bnd->bkd", weights, values)
+        hidden = normed if self.gru_hidden == "normed" else slots
+        if self.gru is not None:
+            slots = self.gru(updates.flatten(0, 1), hidden.flatten(0, 1)).unflatten(0, slots.shape[:2])
+        else:
+            slots = hidden + updates
+        return (slots if self.mlp is None else self.mlp(slots)), attn
+
+    def forward(self, slots, features, n_iters=None):
+        features = self.norm_features(features)
+        keys, values = self.to_k(features), self.to_v(features)
+        for _ in range(self.n_iters if n_iters is None else n_iters):
+            slots, attn = self.step(slots, keys, values)
+        return {"slots": slots, "masks": attn}
