@@ -15,7 +15,7 @@ activations (``act_layout``). The backward kernel walks the iterations in revers
 attention tile by tile (never a (B, K, N) tensor) and writes the gradients of every layer's output into
 ``dact``; dk and dv accumulate over iterations in place (each program owns its rows: deterministic). The
 parameter gradients, reductions over B * K rows of every iteration, are then a few GEMMs in torch
-(:func:`parameter_grads`): the right tool for a reduction over programs, and deterministic.
+(in kdfast.ops.slot_attention): the right tool for a reduction over programs, and deterministic.
 
 Slots are padded to BLOCK_K >= 16 (tl.dot's minimum) and masked. Everything runs in the dtype of the
 inputs, float32 or float64 (the op upcasts half precision first), with IEEE dots.
@@ -36,30 +36,28 @@ PARAMETERS = ("norm_w", "norm_b", "wq", "bq", "w_ih", "w_hh", "b_ih", "b_hh",
 # ------------------------------------------------------------------------------------------- layouts
 
 
-def act_layout(D, Dq, Dv, Dh, gru, mlp):
-    """Columns of one row of ``act``: name -> (first column, width), the total width under "C". A layer that
-    is absent has no columns (every column of the op's outputs is written). Kept in step with _act_columns."""
-    g, m = int(gru), int(mlp)
-    widths = [("slots", D), ("xhat", D), ("x", D), ("q", Dq), ("u", Dv), ("r", g * D), ("z", g * D),
-              ("n", g * D), ("hn", g * D), ("h", D), ("yhat", m * D), ("y", m * D), ("a", m * Dh),
-              ("rstd_x", 1), ("norm", 1), ("rstd_y", m)]
-    return _columns(widths)
+# Names of the columns of one row of ``act`` (one iteration's activations kept for the backward) and of ``dact``
+# (the gradients of each layer's output), in the order _act_columns and _dact_columns return their first columns.
+# Those two jitted functions are the layout: act_layout and dact_layout run their Python bodies on the host.
+ACT_COLUMNS = ("slots", "xhat", "x", "q", "u", "r", "z", "n", "hn", "h", "yhat", "y", "a", "rstd_x", "norm", "rstd_y")
+DACT_COLUMNS = ("ds", "dh", "dx", "dq", "dgi", "dgh", "da", "dy", "du", "dhid")
 
 
-def dact_layout(D, Dq, Dv, Dh, gru, mlp):
-    """Columns of one row of ``dact`` (gradients of each layer's output); kept in step with _dact_columns."""
-    g, m = int(gru), int(mlp)
-    widths = [("ds", D), ("dh", D), ("dx", D), ("dq", Dq), ("dgi", g * 3 * D), ("dgh", g * 3 * D),
-              ("da", m * Dh), ("dy", m * D), ("du", g * Dv), ("dhid", g * D)]
-    return _columns(widths)
+def act_layout(k, v, params):
+    """Columns of one row of ``act`` for k (B, N, Dq), v (B, N, Dv) and ``params`` (PARAMETERS order): name ->
+    (first column, width), the total width under "C". An absent layer has no columns (every column is written)."""
+    return _named_columns(ACT_COLUMNS, _act_columns.fn(*_widths(k, v, params)))
 
 
-def _columns(widths):
-    layout, start = {}, 0
-    for name, width in widths:
-        layout[name] = (start, width)
-        start += width
-    layout["C"] = (start, 0)
+def dact_layout(k, v, params):
+    """Columns of one row of ``dact``, as act_layout gives those of ``act``."""
+    return _named_columns(DACT_COLUMNS, _dact_columns.fn(*_widths(k, v, params)))
+
+
+def _named_columns(names, starts):
+    *starts, end = starts
+    layout = {name: (start, stop - start) for name, start, stop in zip(names, starts, (*starts[1:], end), strict=True)}
+    layout["C"] = (end, 0)
     return layout
 
 
@@ -83,7 +81,8 @@ def _act_columns(D, DQ, DV, DH, HAS_GRU: tl.constexpr, HAS_MLP: tl.constexpr):
     c_rsx = c_a + (DH if HAS_MLP else 0)
     c_norm = c_rsx + 1
     c_rsy = c_norm + 1
-    return c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy
+    c_end = c_rsy + (1 if HAS_MLP else 0)
+    return c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy, c_end
 
 
 @triton.jit
@@ -98,11 +97,9 @@ def _dact_columns(D, DQ, DV, DH, HAS_GRU: tl.constexpr, HAS_MLP: tl.constexpr):
     c_da = c_dgh + G
     c_dy = c_da + (DH if HAS_MLP else 0)
     c_du = c_dy + (D if HAS_MLP else 0)
-    c_dhid = c_du + DV
-    if not HAS_GRU:  # h = hidden + U: both gradients are dh's
-        c_du = c_dh
-        c_dhid = c_dh
-    return c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy, c_du, c_dhid
+    c_dhid = c_du + (DV if HAS_GRU else 0)
+    c_end = c_dhid + (D if HAS_GRU else 0)
+    return c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy, c_du, c_dhid, c_end
 
 
 # ------------------------------------------------------------------------------------- tile helpers
@@ -208,7 +205,8 @@ def _slot_attention_fwd_kernel(
     scale = tl.full([], scale, acc)
     eps = tl.full([], eps, acc)
     ln_eps = tl.full([], ln_eps, acc)
-    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy = _act_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
+    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, c_h, c_yh, c_y, c_a, c_rsx, c_norm, c_rsy, _ = _act_columns(
+        D, DQ, DV, DH, HAS_GRU, HAS_MLP)
     offs_k = tl.arange(0, BLOCK_K)
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -335,8 +333,12 @@ def _slot_attention_bwd_kernel(
     acc = tl.float64 if IS_FP64 else tl.float32
     scale = tl.full([], scale, acc)
     eps = tl.full([], eps, acc)
-    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, _, c_yh, _, c_a, c_rsx, c_norm, c_rsy = _act_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
-    c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy, c_du, c_dhid = _dact_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
+    c_s, c_xh, c_x, c_q, c_u, c_r, c_z, c_n, c_hn, _, c_yh, _, c_a, c_rsx, c_norm, c_rsy, _ = _act_columns(
+        D, DQ, DV, DH, HAS_GRU, HAS_MLP)
+    c_ds, c_dh, c_dx, c_dq, c_dgi, c_dgh, c_da, c_dy, c_du, c_dhid, _ = _dact_columns(D, DQ, DV, DH, HAS_GRU, HAS_MLP)
+    if not HAS_GRU:  # h = hidden + U: both gradients are dh's
+        c_du = c_dh
+        c_dhid = c_dh
     offs_k = tl.arange(0, BLOCK_K)
     offs_dq = tl.arange(0, BLOCK_DQ)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -478,13 +480,12 @@ def _geometry(K, D, Dq, Dv):
             "BLOCK_O": 32, "BLOCK_C": 16, "num_warps": 8}
 
 
-def widths(params):
-    """(D, Dq, Dv, Dh, has a GRU, has an MLP) of one iteration's ``params`` (in PARAMETERS order; Dh = 0 without
-    an MLP)."""
+def _widths(k, v, params):
+    """(D, Dq, Dv, Dh, has a GRU, has an MLP) of one iteration, from k (B, N, Dq), v (B, N, Dv) and ``params``
+    (PARAMETERS order; Dh = 0 without an MLP)."""
     p = dict(zip(PARAMETERS, params))
     gru, mlp = p["w_ih"] is not None, p["w1"] is not None
-    D, Dq = p["norm_w"].shape[0], p["wq"].shape[0]
-    return D, Dq, p["w_ih"].shape[1] if gru else D, p["w1"].shape[0] if mlp else 0, gru, mlp
+    return p["norm_w"].shape[0], k.shape[-1], v.shape[-1], p["w1"].shape[0] if mlp else 0, gru, mlp
 
 
 def slot_attention_forward(slots, k, v, params, n_iters: int, scale: float, eps: float, ln_eps: float,
@@ -499,9 +500,9 @@ def slot_attention_forward(slots, k, v, params, n_iters: int, scale: float, eps:
     """
     (B, K, _), N = slots.shape, k.shape[1]
     p = dict(zip(PARAMETERS, params))
-    D, Dq, Dv, Dh, gru, mlp = widths(params)
+    D, Dq, Dv, Dh, gru, mlp = _widths(k, v, params)
     check_limits(K, D, Dq, Dv)
-    C = act_layout(D, Dq, Dv, Dh, gru, mlp)["C"][0]
+    C = act_layout(k, v, params)["C"][0]
     dtype, device = slots.dtype, slots.device
     out = empty_output((B, K, D), dtype, device)
     attn = empty_output((B, K, N if return_attn else 0), dtype, device)
@@ -530,8 +531,8 @@ def slot_attention_backward(grad_slots, grad_attn, k, v, params, act, n_iters: i
     act_iters, B, K, C = act.shape
     N = k.shape[1]
     p = dict(zip(PARAMETERS, params))
-    D, Dq, Dv, Dh, gru, mlp = widths(params)
-    C2 = dact_layout(D, Dq, Dv, Dh, gru, mlp)["C"][0]
+    D, Dq, Dv, Dh, gru, mlp = _widths(k, v, params)
+    C2 = dact_layout(k, v, params)["C"][0]
     dtype, device = act.dtype, act.device
     dslots = empty_output((B, K, D), dtype, device)
     dk = empty_output((B, N, Dq), dtype, device)

@@ -677,6 +677,30 @@ def _iteration_params(D, Dq, Dv, Dh, gru=True, gru_bias=True, mlp=True, q_bias=F
     return p
 
 
+@pytest.mark.parametrize(("gru", "mlp"), [(True, True), (True, False), (False, True), (False, False)])
+def test_fused_layout_columns_tile_the_row(gru, mlp):
+    """The kernels' act / dact rows: the columns read on the host (the parameter gradients, the fake outputs) are
+    the ones the jitted layout functions give the kernels, back to back, each as wide as its layer's output."""
+    kernels = importlib.import_module("kdfast.kernels.slot_attention_iterations")
+    D, Dq, Dv, Dh = 6, 5, 7, 9
+    k, v = torch.empty(1, 1, Dq), torch.empty(1, 1, Dv)
+    shapes = {"norm_w": (D,), "norm_b": (D,), "wq": (Dq, D), "bq": None, "w_ih": (3 * D, Dv) if gru else None,
+              "w_hh": (3 * D, D) if gru else None, "b_ih": None, "b_hh": None, "mlp_norm_w": (D,) if mlp else None,
+              "mlp_norm_b": (D,) if mlp else None, "w1": (Dh, D) if mlp else None, "b1": None,
+              "w3": (D, Dh) if mlp else None, "b3": None}
+    params = [None if shapes[name] is None else torch.empty(shapes[name]) for name in kernels.PARAMETERS]
+    g, m = int(gru), int(mlp)
+    want_act = {"slots": D, "xhat": D, "x": D, "q": Dq, "u": Dv, "r": g * D, "z": g * D, "n": g * D, "hn": g * D,
+                "h": D, "yhat": m * D, "y": m * D, "a": m * Dh, "rstd_x": 1, "norm": 1, "rstd_y": m}
+    want_dact = {"ds": D, "dh": D, "dx": D, "dq": Dq, "dgi": g * 3 * D, "dgh": g * 3 * D, "da": m * Dh, "dy": m * D,
+                 "du": g * Dv, "dhid": g * D}
+    for layout, want in ((kernels.act_layout(k, v, params), want_act), (kernels.dact_layout(k, v, params), want_dact)):
+        assert {name: width for name, (_, width) in layout.items() if name != "C"} == want
+        starts = [start for name, (start, _) in layout.items() if name != "C"]
+        assert starts == [sum(list(want.values())[:i]) for i in range(len(want))]
+        assert layout["C"] == (sum(want.values()), 0)
+
+
 # (B, K, N, D, Dq, Dv, Dh, layers, gru_hidden, grad_last_only, n_iters): K = 1 and N = 1; widths that are not
 # powers of two and span several 32-column chunks (D = 48, Dq = 96, Dv = 40, Dh = 100); a q bias and a GRU
 # without biases; no GRU (both hidden states), no MLP, neither; gradients through the last iteration only;

@@ -305,7 +305,7 @@ def _slot_attention_iterations_triton(
 def _(slots, k, v, *args):
     params, act_iters = args[:-5], args[-1]
     B, K, D = slots.shape
-    C = _fused_kernels().act_layout(*_fused_kernels().widths(params))["C"][0]
+    C = _fused_kernels().act_layout(k, v, params)["C"][0]
     return slots.new_empty(B, K, D), slots.new_empty(B, K, k.shape[1]), slots.new_empty(act_iters, B, K, C)
 
 
@@ -325,18 +325,20 @@ def _slot_attention_iterations_triton_backward(
 @_slot_attention_iterations_triton_backward.register_fake
 def _(grad_slots, grad_attn, k, v, act, *args):
     params = args[:-4]
-    C2 = _fused_kernels().dact_layout(*_fused_kernels().widths(params))["C"][0]
+    C2 = _fused_kernels().dact_layout(k, v, params)["C"][0]
     return grad_slots.new_empty(grad_slots.shape), k.new_empty(k.shape), v.new_empty(v.shape), act.new_empty(*act.shape[:3], C2)
 
 
-def _parameter_grads(act: Tensor, dact: Tensor, params, hidden_normed: bool) -> list[Tensor | None]:
+def _parameter_grads(k: Tensor, v: Tensor, act: Tensor, dact: Tensor, params,
+                     hidden_normed: bool) -> list[Tensor | None]:
     """The gradient of each parameter (None where absent), in the fused op's order: products of the kept
     activations ``act`` and the layer output gradients ``dact`` summed over the B * K rows of every kept
     iteration, as the kernels' act_layout and dact_layout lay them out."""
     kernels = _fused_kernels()
-    D, Dq, Dv, Dh, gru, mlp = kernels.widths(params)
+    named = dict(zip(kernels.PARAMETERS, params))
+    gru, mlp = named["w_ih"] is not None, named["w1"] is not None
     rows, drows = act.reshape(-1, act.shape[-1]), dact.reshape(-1, dact.shape[-1])
-    cols, dcols = kernels.act_layout(D, Dq, Dv, Dh, gru, mlp), kernels.dact_layout(D, Dq, Dv, Dh, gru, mlp)
+    cols, dcols = kernels.act_layout(k, v, params), kernels.dact_layout(k, v, params)
     sums = drows.sum(0)  # every bias gradient is a column sum of dact: one reduction for all of them
 
     def a(name):
@@ -395,7 +397,7 @@ def _fused_grads(ctx, grad_slots, grad_attn, grad_act, backward):
                                     ctx.hidden_normed)
     # Only gradients through every iteration reach the initial slots (grad_last_only keeps the last one).
     dslots = dslots if ctx.act_iters == ctx.n_iters else None
-    return dslots, dk, dv, *_parameter_grads(act, dact, params, ctx.hidden_normed), None, None, None, None, None
+    return dslots, dk, dv, *_parameter_grads(k, v, act, dact, params, ctx.hidden_normed), None, None, None, None, None
 
 
 # The fused Triton iterations in eager mode: the kernels called directly, without the custom op's dispatch.
