@@ -17,7 +17,7 @@ from kdfast.train.recipes._common import Options, format_report
 
 
 # Tiny evaluation sets (and a smaller ViT): a few steps of each recipe in seconds.
-TINY = {"gini": {"eval_samples": 48, "seeds": "2"}, "slotmatch": {"eval_videos": 6},
+TINY = {"gini": {"eval_samples": 48, "seeds": "2"}, "slotmatch": {"eval_videos": 6, "student_seeds": "1"},
         "wecolora": {"probe_train": 36, "held_out": 24, "few_shot_per_class": 2, "depth": 4, "embed_dim": 32}}
 
 
@@ -59,16 +59,21 @@ def test_gini_label_noise_is_fixed_and_flips_the_given_fraction():
 
 
 def test_slotmatch_recipe_and_teacher_from_a_checkpoint(tmp_path):
-    report = slotmatch.run(_options(tmp_path / "a", "slotmatch"))
-    teacher, student = report["rows"]
-    assert teacher["parameters"] > student["parameters"] > 0
+    report = slotmatch.run(_options(tmp_path / "a", "slotmatch", overrides={**TINY["slotmatch"], "student_seeds": "2"}))
+    teacher, student, alone, *others = report["rows"]
+    assert [(row["model"], row["seed"]) for row in report["rows"][1:]] == [
+        (model, seed) for seed in (0, 1) for model in ("student (SlotMatch)", "student alone")]
+    assert teacher["parameters"] > student["parameters"] == alone["parameters"] > 0
     for row in report["rows"]:
         for masks in ("decoder", "attention", "token ceiling"):
             assert -1 <= row[f"FG-ARI ({masks})"] <= 1 and 0 <= row[f"mBO ({masks})"] <= 1
         assert row["frames/s (inference)"] > 0
     summary = json.loads((tmp_path / "a" / "report.json").read_text())["summary"]
     assert {"teacher_fg_ari", "student_fg_ari", "fg_ari_ceiling", "parameter_ratio", "inference_speedup",
-            "seconds"} <= set(summary) and summary["teacher_fg_ari"] == teacher["FG-ARI (attention)"]
+            "seconds", "student_alone_fg_ari", "distillation_gain"} <= set(summary)
+    assert summary["teacher_fg_ari"] == teacher["FG-ARI (attention)"]
+    assert summary["student_fg_ari"] == pytest.approx((student["FG-ARI (attention)"] + others[0]["FG-ARI (attention)"]) / 2)
+    assert summary["distillation_gain"] == pytest.approx(summary["student_fg_ari"] - summary["student_alone_fg_ari"])
     if report["pictures"]:
         assert report["pictures"] == ["curves.png", "masks.png"] and (tmp_path / "a" / "masks.png").exists()
     loaded = slotmatch.run(_options(tmp_path / "b", "slotmatch", teacher=str(tmp_path / "a" / "teacher" / "checkpoint.pt")))

@@ -41,27 +41,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdfast.nn import SlotAttention, SlotContrastLoss, SlotMatchLoss
+from kdfast import ops
+from kdfast.nn import SlotContrastLoss, SlotMatchLoss
 from kdfast.train import data, distributed, metrics, pictures
 from kdfast.train.loop import fit, load_model
-from kdfast.train.recipes._common import (Options, apply_backend, config, finish, parameter_count, prepare,
-                                          seed_everything)
+from kdfast.train.recipes._common import (
+    Options,
+    apply_backend,
+    config,
+    finish,
+    parameter_count,
+    prepare,
+    seed_everything,
+)
 from kdfast.train.recipes._settings import setting
+from kdfast.train.recipes.slotmatch_models import SlotVideoModel, paint, token_shape
 
 STEPS, BATCH_SIZE, LR = 1500, 8, 2e-3
 FRAMES, IMAGE_SIZE, PATCH, SLOTS, EVAL_VIDEOS = 4, 32, 2, 7, 128
 TEACHER = {"channels": 32, "slot_dim": 32, "hidden": 64}
 # The student: about 3.3x fewer parameters (the paper: 3.6x), half the slot width.
 STUDENT = {"channels": 18, "slot_dim": 16, "hidden": 32}
+STUDENT_STEPS, STUDENT_VIDEOS, ATTENTION_WEIGHT = 1500, 2000, 0.0
 
 
 @dataclass
 class Settings:
     """The slotmatch recipe's sizes and schedule (``kdfast train slotmatch --set key=value``)."""
 
-    MAY_BE_ZERO = ("warmup_steps", "checkpoint_every", "match_weight", "aux_weight", "contrast_weight")
+    MAY_BE_ZERO = ("warmup_steps", "checkpoint_every", "match_weight", "aux_weight", "contrast_weight",
+                   "attention_weight")
+    STEP_FIELDS = ("steps", "student_steps")  # what --steps sets
 
-    steps: int = setting(STEPS, "optimiser steps of the teacher and of the student")
+    steps: int = setting(STEPS, "optimiser steps of the teacher")
+    student_steps: int = setting(STUDENT_STEPS, "optimiser steps of each student")
     batch_size: int = setting(BATCH_SIZE, "global batch size (clips)")
     lr: float = setting(LR, "peak learning rate (AdamW)")
     warmup_steps: int = setting(100, "linear warm-up steps")
@@ -78,6 +91,9 @@ class Settings:
     objects: tuple[int, ...] = setting((3, 6), "fewest and most objects per synthetic clip")
     train_videos: int = setting(2000, "synthetic training clips")
     eval_videos: int = setting(EVAL_VIDEOS, "synthetic held-out clips")
+    student_videos: int = setting(STUDENT_VIDEOS, "training clips the students see (the first of the teacher's)")
+    student_seeds: int = setting(3, "students per arm (seeds), each pair from the same initial weights and batches")
+    student_alone: bool = setting(True, "also train each student without the teacher (what distillation adds)")
     teacher_channels: int = setting(TEACHER["channels"], "teacher's encoder channels")
     teacher_slot_dim: int = setting(TEACHER["slot_dim"], "teacher's slot width")
     teacher_hidden: int = setting(TEACHER["hidden"], "teacher's MLP width (decoder, slot update)")
@@ -87,7 +103,11 @@ class Settings:
     aux_weight: float = setting(1.0, "weight of the reconstruction painted with the slot-attention masks")
     match_weight: float = setting(0.01, "weight of the student's slot matching loss (1 - cosine starts near 1, "
                                         "the reconstruction MSEs near 0.03: at 1.0 the student collapses)")
+    attention_weight: float = setting(ATTENTION_WEIGHT, "weight of the cross-entropy of the student's attention "
+                                                       "masks to the teacher's (0: off)")
     contrast_weight: float = setting(0.0, "weight of SlotContrast's slot contrastive loss (0: off)")
+    invariant: bool = setting(True, "translation-invariant slots (a position and scale per slot; keys, values and "
+                                    "decoder relative to them; no absolute position in the encoder)")
     predictor: bool = setting(False, "a transformer predictor carries the slots to the next frame (SlotContrast)")
     pictures: bool = setting(True, "write masks.png and curves.png")
 
@@ -100,107 +120,8 @@ class Settings:
     def model(self, name: str) -> dict:
         return {"channels": getattr(self, f"{name}_channels"), "slot_dim": getattr(self, f"{name}_slot_dim"),
                 "hidden": getattr(self, f"{name}_hidden"), "num_slots": self.slots, "predictor": self.predictor,
-                "decoder_grid": self.decoder_grid, "iters": (self.first_iters, self.later_iters)}
-
-
-def _grid(side: int) -> Tensor:
-    """(side * side, 4) soft position embedding inputs: (y, x, 1 - y, 1 - x) at the token centres."""
-    ticks = (torch.arange(side, dtype=torch.float32) + 0.5) / side
-    y, x = torch.meshgrid(ticks, ticks, indexing="ij")
-    return torch.stack([y, x, 1 - y, 1 - x], -1).view(-1, 4)
-
-
-class Encoder(nn.Module):
-    """Frames (B, T, 3, H, W) -> tokens (B, T, N, C): 3x3 convolutions (the first strided by ``patch``) + a soft
-    position embedding + an MLP. Precomputed features (B, T, N, C_in) -> a linear map + position embedding."""
-
-    def __init__(self, channels: int, patch: int, num_tokens: int, feature_dim: int | None = None):
-        super().__init__()
-        if feature_dim is None:
-            self.conv = nn.Sequential(nn.Conv2d(3, channels, 3, patch, 1), nn.ReLU(),
-                                      nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU(),
-                                      nn.Conv2d(channels, channels, 3, 1, 1), nn.ReLU())
-        else:
-            self.conv = nn.Linear(feature_dim, channels)
-        self.register_buffer("grid", _grid(int(round(num_tokens**0.5))) if int(round(num_tokens**0.5)) ** 2 == num_tokens
-                             else torch.linspace(0, 1, num_tokens)[:, None].expand(num_tokens, 4).clone(),
-                             persistent=False)
-        self.pos = nn.Linear(4, channels)
-        self.mlp = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, channels), nn.ReLU(),
-                                 nn.Linear(channels, channels))
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        b, t = inputs.shape[:2]
-        if isinstance(self.conv, nn.Linear):
-            tokens = self.conv(inputs)
-        else:
-            tokens = self.conv(inputs.flatten(0, 1)).flatten(2).transpose(1, 2).reshape(b, t, -1, self.pos.out_features)
-        return self.mlp(tokens + self.pos(self.grid))
-
-
-class Decoder(nn.Module):
-    """Slots (B, K, D) -> alpha masks (B, K, G, G) (a broadcast MLP, softmax over slots) and one target vector
-    per slot (B, K, C): the colour (or feature) each slot paints."""
-
-    def __init__(self, slot_dim: int, hidden: int, grid: int, out_dim: int):
-        super().__init__()
-        self.grid_side = grid
-        self.register_buffer("grid", _grid(grid), persistent=False)
-        self.pos = nn.Linear(4, slot_dim)
-        self.alpha = nn.Sequential(nn.Linear(slot_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                   nn.Linear(hidden, 1))
-        self.paint = nn.Sequential(nn.Linear(slot_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
-
-    def forward(self, slots: Tensor) -> tuple[Tensor, Tensor]:
-        logits = self.alpha(slots[:, :, None] + self.pos(self.grid)).squeeze(-1)  # (B, K, G*G)
-        masks = logits.softmax(1).unflatten(2, (self.grid_side, self.grid_side))
-        return masks, self.paint(slots)
-
-
-def paint(masks: Tensor, colours: Tensor, size: tuple[int, int]) -> Tensor:
-    """Soft masks (B, K, h, w) upsampled bilinearly to ``size``, each painted with its slot's vector (B, K, C)
-    -> (B, C, H, W)."""
-    up = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-    return torch.einsum("bkhw,bkc->bchw", up, colours)
-
-
-class SlotVideoModel(nn.Module):
-    """Frames (B, T, 3, H, W) or features (B, T, N, C) -> slots (B, T, K, D), the grouper's attention masks
-    (B, T, K, side, side), the decoder's masks (B, T, K, G, G) and each slot's colour (B, T, K, out_dim)."""
-
-    def __init__(self, num_tokens: int, out_dim: int, num_slots: int, channels: int, slot_dim: int, hidden: int,
-                 decoder_grid: int, iters: tuple[int, int], patch: int = PATCH, feature_dim: int | None = None,
-                 predictor: bool = False):
-        super().__init__()
-        self.num_slots, self.iters = num_slots, iters
-        self.side = int(round(num_tokens**0.5))
-        self.encoder = Encoder(channels, patch, num_tokens, feature_dim)
-        self.slots_mu = nn.Parameter(torch.randn(1, 1, slot_dim) * slot_dim**-0.5)
-        self.slots_log_sigma = nn.Parameter(torch.full((1, 1, slot_dim), -1.0))
-        self.grouper = SlotAttention(channels, slot_dim, hidden_dim=hidden, n_iters=iters[0], grad_last_only=True)
-        self.predictor = (nn.TransformerEncoderLayer(slot_dim, 2 if slot_dim % 2 == 0 else 1, 2 * slot_dim,
-                                                     dropout=0.0, batch_first=True, norm_first=True)
-                          if predictor else None)
-        self.decoder = Decoder(slot_dim, hidden, decoder_grid if feature_dim is None else self.side, out_dim)
-
-    def forward(self, inputs: Tensor, iters: tuple[int, int] | None = None) -> dict[str, Tensor]:
-        first, later = iters or self.iters
-        tokens = self.encoder(inputs)
-        b, t, n, _ = tokens.shape
-        noise = torch.randn(b, self.num_slots, self.slots_mu.shape[-1], device=tokens.device, dtype=tokens.dtype)
-        slots = self.slots_mu + self.slots_log_sigma.exp() * noise
-        per_frame, attention = [], []
-        for frame in range(t):
-            grouped = self.grouper(slots, tokens[:, frame], n_iters=first if frame == 0 else later)
-            per_frame.append(grouped["slots"])
-            attention.append(grouped["masks"])
-            slots = grouped["slots"] if self.predictor is None else self.predictor(grouped["slots"])
-        slots = torch.stack(per_frame, 1)
-        masks, colours = self.decoder(slots.flatten(0, 1))
-        side = self.side if self.side**2 == n else 1
-        attention = torch.stack(attention, 1)
-        return {"slots": slots, "masks": masks.unflatten(0, (b, t)), "colours": colours.unflatten(0, (b, t)),
-                "attention": attention.unflatten(-1, (side, n // side))}
+                "decoder_grid": self.decoder_grid, "iters": (self.first_iters, self.later_iters),
+                "invariant": self.invariant}
 
 
 def _target(batch: dict[str, Tensor]) -> Tensor:
@@ -208,9 +129,7 @@ def _target(batch: dict[str, Tensor]) -> Tensor:
     if "video" in batch:
         return batch["video"].flatten(0, 1)
     features = batch["features"].flatten(0, 1)  # (BT, N, C)
-    n = features.shape[1]
-    side = int(round(n**0.5)) if int(round(n**0.5)) ** 2 == n else 1
-    return features.transpose(1, 2).reshape(features.shape[0], -1, side, n // side)
+    return features.transpose(1, 2).unflatten(2, token_shape(features.shape[1]))
 
 
 def _inputs(batch: dict[str, Tensor]) -> Tensor:
@@ -245,12 +164,14 @@ class TeacherTask(nn.Module):
 
 
 class StudentTask(TeacherTask):
-    """The student's own losses + match_weight x slot matching with the frozen teacher (SlotMatch)."""
+    """The student's own losses + match_weight x slot matching with the frozen teacher (SlotMatch) + attention_weight
+    x the cross-entropy of the student's attention (softmax over slots, per token) to the teacher's, the teacher's
+    slots paired with the student's by kdfast.ops.slot_assignment on the overlap of their attention masks."""
 
     def __init__(self, model: SlotVideoModel, teacher: SlotVideoModel, teacher_dim: int, match_weight: float = 1.0,
-                 aux_weight: float = 1.0, contrast_weight: float = 0.0):
+                 aux_weight: float = 1.0, contrast_weight: float = 0.0, attention_weight: float = 0.0):
         super().__init__(model, aux_weight, contrast_weight)
-        self.match_weight = match_weight
+        self.match_weight, self.attention_weight = match_weight, attention_weight
         self.teacher = teacher.requires_grad_(False).eval()
         self.project = nn.Linear(model.slots_mu.shape[-1], teacher_dim)
         self.match = SlotMatchLoss(matching="hungarian")
@@ -262,16 +183,32 @@ class StudentTask(TeacherTask):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.model(_inputs(batch))
-        with torch.no_grad():
-            teacher_slots = self.teacher(_inputs(batch))["slots"]
         reconstruction, aux = reconstruction_losses(out, _target(batch))
-        match = self.match(self.project(out["slots"]).flatten(0, 1), teacher_slots.flatten(0, 1).to(out["slots"].dtype))
-        losses = {"reconstruction": reconstruction, "attention_reconstruction": aux, "slot_match": match}
-        loss = reconstruction + self.aux_weight * aux + self.match_weight * match
+        losses = {"reconstruction": reconstruction, "attention_reconstruction": aux}
+        loss = reconstruction + self.aux_weight * aux
+        if self.match_weight or self.attention_weight:
+            with torch.no_grad():
+                teacher = self.teacher(_inputs(batch))
+        if self.match_weight:
+            losses["slot_match"] = self.match(self.project(out["slots"]).flatten(0, 1),
+                                              teacher["slots"].flatten(0, 1).to(out["slots"].dtype))
+            loss = loss + self.match_weight * losses["slot_match"]
+        if self.attention_weight:
+            losses["attention_match"] = attention_match(out["attention"], teacher["attention"])
+            loss = loss + self.attention_weight * losses["attention_match"]
         if self.contrast_weight:
             losses["contrast"] = self.contrast(out["slots"])
             loss = loss + self.contrast_weight * losses["contrast"]
         return {"loss": loss, **losses}
+
+
+def attention_match(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over tokens of the cross-entropy from the teacher's attention to the student's, (B, T, K, ...) each
+    (softmax over K), the teacher's slots reordered to the student's by the Hungarian pairing of maximal overlap."""
+    s, t = student.flatten(0, 1).flatten(2), teacher.flatten(0, 1).flatten(2).to(student.dtype)
+    pairing = ops.slot_assignment(torch.einsum("bkn,bmn->bkm", s.detach(), t))  # (BT, K): teacher slot of each
+    t = t.gather(1, pairing[..., None].expand_as(t))
+    return -(t * s.clamp_min(1e-6).log()).sum(1).mean()
 
 
 def token_ceiling(true: Tensor, side: tuple[int, int]) -> Tensor:
@@ -357,6 +294,12 @@ def _build(settings: Settings, name: str, sample: dict[str, Tensor]) -> SlotVide
     return SlotVideoModel(num_tokens, out_dim, patch=settings.patch, feature_dim=feature_dim, **settings.model(name))
 
 
+def _spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+    return f"{mean:.3f} +- {std:.3f}"
+
+
 def run(options: Options) -> dict:
     started = time.perf_counter()
     settings, identity, out = prepare(options, "slotmatch", Settings)
@@ -366,77 +309,123 @@ def run(options: Options) -> dict:
     batches = data.Batches(train, settings.batch_size, seed=options.seed)
     eval_iters = (settings.eval_first_iters, settings.eval_later_iters)
 
-    def phase(name: str):
-        return config(options, f"slotmatch [{name}]", steps=settings.steps, lr=settings.lr,
-                      warmup_steps=settings.warmup_steps, items_per_sample=settings.frames)
+    def phase(name: str, steps: int):
+        return config(options, f"slotmatch [{name}]", steps=steps, lr=settings.lr,
+                      warmup_steps=min(settings.warmup_steps, steps), items_per_sample=settings.frames)
 
     seed_everything(options.seed)
     teacher = _build(settings, "teacher", sample)
     teacher_task = TeacherTask(teacher, settings.aux_weight, settings.contrast_weight)
-    rows = []
     if options.teacher is not None:
         step = load_model(teacher_task, options.teacher)
         teacher_row = {"model": "teacher", "trained": f"loaded ({options.teacher}, step {step})"}
-        device = distributed.device_for(options.device, distributed.setup(options.device))
+        context = distributed.setup(options.device)
+        device, world = distributed.device_for(options.device, context), context.world
         teacher_task.to(device)
     else:
-        result = fit(teacher_task, batches, phase("teacher"), out / "teacher", resume=options.resume,
+        result = fit(teacher_task, batches, phase("teacher", settings.steps), out / "teacher", resume=options.resume,
                      settings=identity)
-        device = torch.device(result.device)
+        device, world = torch.device(result.device), result.world
         teacher_row = {"model": "teacher", "trained": f"{result.step} steps", "train frames/s": result.items_per_s,
                        "final loss": result.final_loss}
-    rows.append({**teacher_row, "parameters": parameter_count(teacher), **evaluate(teacher, held_out, device, eval_iters)})
+    rows = [{**teacher_row, "parameters": parameter_count(teacher), **evaluate(teacher, held_out, device, eval_iters)}]
 
-    seed_everything(options.seed + 1)
-    student = _build(settings, "student", sample)
-    student_task = StudentTask(student, teacher, settings.teacher_slot_dim, settings.match_weight,
-                               settings.aux_weight, settings.contrast_weight)
-    result = fit(student_task, batches, phase("student"), out / "student", resume=options.resume, settings=identity)
-    rows.append({"model": "student (SlotMatch)", "trained": f"{result.step} steps", "train frames/s": result.items_per_s,
-                 "final loss": result.final_loss,
-                 "parameters": parameter_count(student), **evaluate(student, held_out, device, eval_iters)})
-    teacher_row, student_row = rows
+    # Students: per seed, one distilled and (student_alone) one trained alone, from the same initial weights and
+    # the same batches of the first student_videos clips: their difference is what the teacher adds.
+    subset = train if settings.student_videos >= len(train) else torch.utils.data.Subset(
+        train, range(settings.student_videos))
+    students = []
+    for i in range(settings.student_seeds):
+        for distilled in (True, False) if settings.student_alone else (True,):
+            seed_everything(options.seed + 1 + i)
+            student = _build(settings, "student", sample)
+            task = StudentTask(student, teacher, settings.teacher_slot_dim,
+                               settings.match_weight if distilled else 0.0, settings.aux_weight,
+                               settings.contrast_weight, settings.attention_weight if distilled else 0.0)
+            name = ("student" if distilled else "student_alone") + (f"_seed{i}" if i else "")
+            result = fit(task, data.Batches(subset, settings.batch_size, seed=options.seed + 1 + i),
+                         phase(name, settings.student_steps), out / name, resume=options.resume, settings=identity)
+            rows.append({"model": "student (SlotMatch)" if distilled else "student alone", "seed": i,
+                         "trained": f"{result.step} steps", "train frames/s": result.items_per_s,
+                         "final loss": result.final_loss, "parameters": parameter_count(student),
+                         **evaluate(student, held_out, device, eval_iters)})
+            students.append(student)
+    teacher_row, student_row = rows[0], rows[1]
     ratio = teacher_row["parameters"] / student_row["parameters"]
-    speedup = student_row["frames/s (inference)"] / teacher_row["frames/s (inference)"]
+    teacher_fps = _throughput(teacher, held_out, device, eval_iters)
+    speedup = _throughput(students[0], held_out, device, eval_iters) / teacher_fps
     report = {"recipe": "slotmatch", "data": source, "held-out videos": len(held_out), "frames per clip": settings.frames,
-              "tokens per frame": teacher.side ** 2 if teacher.side ** 2 == teacher.encoder.grid.shape[0]
-              else teacher.encoder.grid.shape[0], "slots": settings.slots,
+              "tokens per frame": teacher.encoder.grid.shape[0], "slots": settings.slots,
               "evaluation iterations (first / later frames)": f"{eval_iters[0]} / {eval_iters[1]}",
-              "device": str(device), "backend": options.backend or "auto", "world size": result.world,
-              "parameter ratio (teacher / student)": ratio, "rows": rows}
+              "device": str(device), "backend": options.backend or "auto", "world size": world,
+              "parameter ratio (teacher / student)": ratio,
+              "inference speed-up (student / teacher frames/s, best of 3)": speedup, "rows": rows}
     files = []
     if settings.pictures and distributed.Context().is_main:
-        files = _pictures(out, teacher, student, held_out, device, eval_iters)
+        files = _pictures(out, teacher, students[0], held_out, device, eval_iters, settings)
     report["pictures"] = files
     seconds = time.perf_counter() - started
-    key = "FG-ARI (attention)"
-    if key in teacher_row:
-        ceiling = teacher_row["FG-ARI (token ceiling)"]
-        report["summary"] = {"teacher_fg_ari": teacher_row[key], "student_fg_ari": student_row[key],
-                             "teacher_fg_ari_decoder": teacher_row["FG-ARI (decoder)"],
-                             "student_fg_ari_decoder": student_row["FG-ARI (decoder)"],
-                             "fg_ari_ceiling": ceiling, "parameter_ratio": ratio, "inference_speedup": speedup,
-                             "seconds": seconds}
-        report["conclusion"] = (
-            f"On {len(held_out)} held-out clips the teacher's slots group the objects with video FG-ARI "
-            f"{teacher_row[key]:.2f} (slot-attention masks; {teacher_row[key] / ceiling:.2f} of the {ceiling:.2f} "
-            f"a token-level segmentation can reach; its decoder masks score {teacher_row['FG-ARI (decoder)']:.2f}). "
-            f"The SlotMatch student scores {student_row[key]:.2f} ({student_row[key] - teacher_row[key]:+.2f}; "
-            f"decoder masks "
-            f"{student_row['FG-ARI (decoder)']:.2f}) with {ratio:.1f}x fewer parameters at {speedup:.1f}x the "
-            f"teacher's inference frames/s.")
-    else:
-        report["summary"] = {"parameter_ratio": ratio, "inference_speedup": speedup, "seconds": seconds}
-        report["conclusion"] = (f"No true masks: no FG-ARI. The student has {ratio:.1f}x fewer parameters and runs "
-                                f"at {speedup:.1f}x the teacher's inference frames/s.")
-    report["wall seconds"] = seconds
+    report["summary"], report["conclusion"] = _summary(rows, ratio, speedup, len(held_out), settings)
+    report["summary"]["seconds"] = report["wall seconds"] = seconds
     return finish(report, out, settings)
 
 
-def _pictures(out, teacher, student, held_out, device, iters) -> list[str]:
+def _summary(rows, ratio, speedup, videos, settings) -> tuple[dict, str]:
+    """The report's summary (the numbers the conclusion quotes) and the conclusion."""
+    key = "FG-ARI (attention)"
+    summary = {"parameter_ratio": ratio, "inference_speedup": speedup}
+    if key not in rows[0]:
+        return summary, (f"No true masks: no FG-ARI. The student has {ratio:.1f}x fewer parameters and runs "
+                         f"at {speedup:.1f}x the teacher's inference frames/s.")
+    teacher = rows[0]
+    arms = {name: [r for r in rows[1:] if r["model"] == name] for name in ("student (SlotMatch)", "student alone")}
+    distilled, alone = ([r[k] for r in arms[name]] for name in arms for k in (key,))
+    mean = sum(distilled) / len(distilled)
+    ceiling = teacher["FG-ARI (token ceiling)"]
+    summary.update({"teacher_fg_ari": teacher[key], "student_fg_ari": mean,
+                    "student_fg_ari_seeds": distilled, "teacher_fg_ari_decoder": teacher["FG-ARI (decoder)"],
+                    "student_fg_ari_decoder": sum(r["FG-ARI (decoder)"] for r in arms["student (SlotMatch)"])
+                    / len(distilled), "fg_ari_ceiling": ceiling})
+    text = (f"On {videos} held-out clips the teacher's slots group the objects with video FG-ARI {teacher[key]:.2f} "
+            f"(slot-attention masks; {teacher[key] / ceiling:.2f} of the {ceiling:.2f} a token-level segmentation "
+            f"can reach; its decoder masks score {teacher['FG-ARI (decoder)']:.2f}). The SlotMatch student "
+            f"({settings.student_steps} steps on {min(settings.student_videos, settings.train_videos)} clips) "
+            f"scores {_spread(distilled)} over {len(distilled)} seeds ({mean - teacher[key]:+.2f} to the teacher) "
+            f"with {ratio:.1f}x fewer parameters at {speedup:.1f}x the teacher's inference frames/s.")
+    if alone:
+        gains = [d - a for d, a in zip(distilled, alone)]
+        summary.update({"student_alone_fg_ari": sum(alone) / len(alone), "student_alone_fg_ari_seeds": alone,
+                        "distillation_gain": sum(gains) / len(gains)})
+        text += (f" The same students trained without the teacher score {_spread(alone)}: distillation changes "
+                 f"FG-ARI by {_spread(gains)} ({sum(g > 0 for g in gains)}/{len(gains)} seeds better).")
+    return summary, text
+
+
+@torch.no_grad()
+def _throughput(model: SlotVideoModel, held_out, device, iters, repeats: int = 3) -> float:
+    """Inference frames/s: the best of ``repeats`` timed forwards of one batch of 64 held-out clips (the best
+    time is the least disturbed by other work on the machine)."""
+    batch = next(iter(data.evaluation_batches(held_out, 64)))
+    inputs = _inputs({k: v.to(device) for k, v in batch.items()})
+    model.eval()
+    best = float("inf")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(inputs, iters)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - started)
+    model.train()
+    return inputs.shape[0] * inputs.shape[1] / best
+
+
+def _pictures(out, teacher, student, held_out, device, iters, settings) -> list[str]:
     """masks.png (held-out frames: input, true masks, teacher and student masks) and curves.png."""
-    files = [pictures.curves(out, {"teacher": out / "teacher" / "metrics.jsonl",
-                                   "student": out / "student" / "metrics.jsonl"}, "slotmatch: training loss")]
+    runs = {"teacher": out / "teacher" / "metrics.jsonl", "student": out / "student" / "metrics.jsonl"}
+    if settings.student_alone:
+        runs["student alone"] = out / "student_alone" / "metrics.jsonl"
+    files = [pictures.curves(out, runs, "slotmatch: training loss")]
     sample = data.collate([held_out[i] for i in range(min(2, len(held_out)))])
     if "video" in sample and "masks" in sample:
         sample = {k: v.to(device) for k, v in sample.items()}
