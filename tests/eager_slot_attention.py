@@ -66,3 +66,53 @@ class EagerSlotAttention(nn.Module):
         for _ in range(self.n_iters if n_iters is None else n_iters):
             slots, attn = self.step(slots, keys, values)
         return {"slots": slots, "masks": attn}
+
+
+class OCLFSlotAttention(nn.Module):
+    """OCLF's (amazon-science object-centric-learning-framework) SlotAttention, written from its semantics:
+    ``n_heads`` heads of kvq_dim / n_heads features with ONE softmax per token over all (slot, head) pairs, the
+    GRU's hidden state the incoming (un-normalised) slots, an optional ``ff_mlp`` after the GRU, biases on the
+    projections with ``use_projection_bias``, and a (B, K) bool slot mask whose True slots get -inf logits in every
+    head. ``forward`` returns the slots and the attention averaged over the heads (before the eps renormalisation).
+    Its state_dict names the feature LayerNorm ``norm_input`` and the MLP ``ff_mlp``."""
+
+    def __init__(self, dim, feature_dim, kvq_dim=None, n_heads=1, iters=3, eps=1e-8, ff_mlp=None,
+                 use_projection_bias=False, use_implicit_differentiation=False):
+        super().__init__()
+        self.dim, self.n_heads, self.iters, self.eps = dim, n_heads, iters, eps
+        self.kvq_dim = kvq_dim or dim
+        self.dims_per_head = self.kvq_dim // n_heads
+        self.scale = self.dims_per_head**-0.5
+        self.use_implicit_differentiation = use_implicit_differentiation
+        self.to_q = nn.Linear(dim, self.kvq_dim, bias=use_projection_bias)
+        self.to_k = nn.Linear(feature_dim, self.kvq_dim, bias=use_projection_bias)
+        self.to_v = nn.Linear(feature_dim, self.kvq_dim, bias=use_projection_bias)
+        self.gru = nn.GRUCell(self.kvq_dim, dim)
+        self.norm_input = nn.LayerNorm(feature_dim)
+        self.norm_slots = nn.LayerNorm(dim)
+        self.ff_mlp = ff_mlp
+
+    def step(self, slots, k, v, masks=None):
+        B, K, _ = slots.shape
+        H, d = self.n_heads, self.dims_per_head
+        q = self.to_q(self.norm_slots(slots)).view(B, K, H, d)
+        logits = torch.einsum("bkhd,bnhd->bkhn", q, k) * self.scale
+        if masks is not None:
+            logits = logits.masked_fill(masks.view(B, K, 1, 1), float("-inf"))
+        attn = logits.flatten(1, 2).softmax(dim=1).view(B, K, H, -1)  # over the slots and heads together
+        weights = (attn + self.eps) / (attn + self.eps).sum(-1, keepdim=True)
+        updates = torch.einsum("bnhd,bkhn->bkhd", v, weights)
+        new = self.gru(updates.reshape(-1, self.kvq_dim), slots.reshape(-1, self.dim)).view(B, K, self.dim)
+        return (new if self.ff_mlp is None else self.ff_mlp(new)), attn.mean(dim=2)
+
+    def forward(self, inputs, conditioning, masks=None):
+        B, N, _ = inputs.shape
+        inputs = self.norm_input(inputs)
+        k = self.to_k(inputs).view(B, N, self.n_heads, self.dims_per_head)
+        v = self.to_v(inputs).view(B, N, self.n_heads, self.dims_per_head)
+        slots = conditioning
+        for _ in range(self.iters):
+            slots, attn = self.step(slots, k, v, masks)
+        if self.use_implicit_differentiation:
+            slots, attn = self.step(slots.detach(), k, v, masks)
+        return slots, attn

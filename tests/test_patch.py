@@ -127,7 +127,8 @@ def test_step_is_videosaurs_step(masked):
         assert (g is None) == (e is None)
         if g is not None:
             torch.testing.assert_close(g, e, **TIGHT)
-    with pytest.raises(ValueError, match=r"masks must be a boolean tensor \(B, K\) = \(2, 4\)"):
+    # step's masks are the slot_mask of kdfast.ops.slot_attention, which checks them
+    with pytest.raises(TypeError, match=r"slot_mask must be a bool tensor \(B, K\) = \(2, 4\)"):
         ours.step(slots, keys, values, torch.zeros(2, 4))
 
 

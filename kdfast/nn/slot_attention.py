@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from kdfast import ops
@@ -42,9 +41,21 @@ class SlotAttention(nn.Module):
         backend: as in kdfast.ops (None: ``KDFAST_BACKEND``, default ``auto``).
         fused: on the triton backend, all iterations in one persistent kernel each way (False: the loop of
             core kernels and torch layers); see :func:`kdfast.ops.slot_attention`.
+        n_heads: heads of the attention (OCLF's ``n_heads``): kvq_dim / n_heads features each, one softmax per
+            token over all (slot, head) pairs, the masks averaged over the heads; the scale becomes
+            ``(kvq_dim / n_heads) ** -0.5``.
+        bias: biases on to_q, to_k and to_v (OCLF's ``use_projection_bias``).
 
     Shapes: slots (B, K, slot_dim), features (B, N, inp_dim) -> ``{"slots": (B, K, slot_dim),
     "masks": (B, K, N)}``, the masks being the attention of the last iteration (softmax over slots, before eps).
+    ``forward(..., slot_mask=)`` takes OCLF's (B, K) bool mask: slots marked True get no attention in any
+    iteration (their update is the mean of the values, as in OCLF); each batch element keeps at least one slot.
+
+    OCLF's ``SlotAttention(dim, feature_dim, kvq_dim, n_heads, iters, eps, ff_mlp, use_projection_bias,
+    use_implicit_differentiation)`` is ``SlotAttention(feature_dim, dim, kvq_dim, n_iters=iters, n_heads=n_heads,
+    bias=use_projection_bias, gru_hidden="prev")`` with its ``norm_input`` loaded as ``norm_features`` and a
+    residual two-layer ``ff_mlp`` as ``mlp`` (``use_mlp=False`` without one); its implicit differentiation (iters
+    steps, then one more on the detached slots) is ``n_iters=iters + 1, grad_last_only=True``.
     """
 
     def __init__(
@@ -62,6 +73,8 @@ class SlotAttention(nn.Module):
         grad_last_only: bool = False,
         backend: str | None = None,
         fused: bool = True,
+        n_heads: int = 1,
+        bias: bool = False,
     ):
         super().__init__()
         if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
@@ -72,14 +85,18 @@ class SlotAttention(nn.Module):
             raise ValueError(f"use_gru=False adds the updates to the slots: kvq_dim ({kvq_dim}) must equal slot_dim ({slot_dim})")
         if gru_hidden not in ("normed", "prev"):
             raise ValueError(f"gru_hidden must be 'normed' or 'prev', got {gru_hidden!r}")
-        self.to_k = nn.Linear(inp_dim, kvq_dim, bias=False)
-        self.to_v = nn.Linear(inp_dim, kvq_dim, bias=False)
-        self.to_q = nn.Linear(slot_dim, kvq_dim, bias=False)
+        if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1 or kvq_dim % n_heads:
+            raise ValueError(f"n_heads must be a positive integer dividing kvq_dim={kvq_dim}, got {n_heads!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        self.to_k = nn.Linear(inp_dim, kvq_dim, bias=bias)
+        self.to_v = nn.Linear(inp_dim, kvq_dim, bias=bias)
+        self.to_q = nn.Linear(slot_dim, kvq_dim, bias=bias)
         self.gru = nn.GRUCell(kvq_dim, slot_dim) if use_gru else None
         self.mlp = _ResidualMLP(slot_dim, hidden_dim) if use_mlp else None
         self.norm_features = nn.LayerNorm(inp_dim)
         self.norm_slots = nn.LayerNorm(slot_dim)
-        self.n_iters, self.eps, self.scale = n_iters, eps, kvq_dim**-0.5
+        self.n_iters, self.eps, self.n_heads, self.scale = n_iters, eps, n_heads, (kvq_dim // n_heads) ** -0.5
         self.gru_hidden, self.grad_last_only, self.backend, self.fused = gru_hidden, grad_last_only, backend, fused
 
     def iteration_params(self) -> dict[str, Tensor]:
@@ -89,38 +106,24 @@ class SlotAttention(nn.Module):
 
     def step(self, slots: Tensor, keys: Tensor, values: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One iteration, as videosaur's ``step``: ``(slots (B, K, D), attention (B, K, N))`` from slots
-        (B, K, D) and the projected keys and values (B, N, kvq_dim). ``masks`` (B, K) boolean, True for slots left
-        out of the competition (their logits are -inf before the softmax over slots, so they attend to nothing
-        but eps); kdfast.ops has no masked core, so a masked step runs in plain PyTorch."""
-        if masks is None:
-            return ops.slot_attention(
-                slots, keys, values, self.iteration_params(), 1, scale=self.scale, eps=self.eps,
-                gru_hidden=self.gru_hidden, backend=self.backend, fused=self.fused,
-            )
-        if not isinstance(masks, Tensor) or masks.dtype != torch.bool or masks.shape != slots.shape[:2]:
-            raise ValueError(f"masks must be a boolean tensor (B, K) = {tuple(slots.shape[:2])}, got {masks!r:.80}")
-        normed = self.norm_slots(slots)
-        logits = torch.einsum("bkd,bnd->bkn", self.to_q(normed), keys) * self.scale
-        attn = logits.masked_fill(masks.unsqueeze(-1), float("-inf")).softmax(dim=1)
-        weights = (attn + self.eps) / (attn + self.eps).sum(-1, keepdim=True)
-        updates = torch.einsum("bkn,bnd->bkd", weights, values)
-        hidden = normed if self.gru_hidden == "normed" else slots
-        if self.gru is not None:
-            new = self.gru(updates.flatten(0, 1), hidden.flatten(0, 1)).unflatten(0, slots.shape[:2])
-        else:
-            new = hidden + updates
-        return (new if self.mlp is None else self.mlp(new)), attn
+        (B, K, D) and the projected keys and values (B, N, kvq_dim). ``masks``: the (B, K) bool slot mask of
+        :meth:`forward` (True: the slot is left out)."""
+        return self._iterations(slots, keys, values, 1, masks)
 
-    def forward(self, slots: Tensor, features: Tensor, n_iters: int | None = None) -> dict[str, Tensor]:
+    def forward(self, slots: Tensor, features: Tensor, n_iters: int | None = None,
+                slot_mask: Tensor | None = None) -> dict[str, Tensor]:
         features = self.norm_features(features)
         keys, values = self.to_k(features), self.to_v(features)
-        n_iters = self.n_iters if n_iters is None else n_iters
-        slots, masks = ops.slot_attention(
-            slots, keys, values, self.iteration_params(), n_iters,
-            scale=self.scale, eps=self.eps, gru_hidden=self.gru_hidden, grad_last_only=self.grad_last_only,
-            backend=self.backend, fused=self.fused,
-        )
+        slots, masks = self._iterations(slots, keys, values, self.n_iters if n_iters is None else n_iters, slot_mask)
         return {"slots": slots, "masks": masks}
 
+    def _iterations(self, slots, keys, values, n_iters, slot_mask):
+        return ops.slot_attention(
+            slots, keys, values, self.iteration_params(), n_iters,
+            scale=self.scale, eps=self.eps, gru_hidden=self.gru_hidden, grad_last_only=self.grad_last_only,
+            backend=self.backend, fused=self.fused, n_heads=self.n_heads, slot_mask=slot_mask,
+        )
+
     def extra_repr(self) -> str:
-        return f"n_iters={self.n_iters}, eps={self.eps}, gru_hidden={self.gru_hidden!r}, grad_last_only={self.grad_last_only}"
+        return (f"n_iters={self.n_iters}, eps={self.eps}, n_heads={self.n_heads}, gru_hidden={self.gru_hidden!r}, "
+                f"grad_last_only={self.grad_last_only}")

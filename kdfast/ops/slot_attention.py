@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kdfast import _backend, reference
 from kdfast._backend import Implementation, extension_op, triton_launcher
-from kdfast.ops import _validate
+from kdfast.ops import _heads_and_mask, _validate
 from kdfast.ops._autograd import eager_or_traced, wire_autograd
 from kdfast.reference._common import accumulator_dtype
 from kdfast.reference.slot_attention import iterations
@@ -198,10 +198,19 @@ def slot_attention_core(
     eps: float = 1e-8,
     return_attn: bool = True,
     backend: str | None = None,
+    n_heads: int = 1,
+    slot_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One slot attention read-out: softmax over the slots, then a weighted mean of the values per slot.
 
     ``A = softmax_K(scale q k^T)``, ``U_i = sum_n (A[i,n] + eps) v_n / sum_n (A[i,n] + eps)``.
+
+    ``n_heads`` > 1 and ``slot_mask`` are OCLF's options (see :func:`kdfast.reference.slot_attention_core`): H heads
+    of D / H features with one softmax per token over all (slot, head) pairs, the masks averaged over the heads;
+    slots marked True in ``slot_mask`` (B, K) get attention 0 (their update is the mean of the values) and no
+    gradient through the logits. Every backend runs them through an exact rewrite into its single-head core
+    (kdfast/ops/_heads_and_mask.py: H times the core's products, one more key column with a mask), the limits
+    below applying to K * H slots and D + 1 with a mask.
 
     Args:
         q: (B, K, D) slot queries. float16, bfloat16, float32 or float64.
@@ -210,18 +219,29 @@ def slot_attention_core(
         return_attn: also return the masks A (else None, and the kernels never write them).
         backend: ``auto``, ``triton`` (K <= 64, D, Dv <= 256, padded K x max(D, Dv) <= 8192), ``cpp`` or ``reference`` (None:
             ``KDFAST_BACKEND``, default ``auto``).
+        n_heads: heads H, dividing D and Dv (scale then defaults to (D / H) ** -0.5).
+        slot_mask: (B, K) bool, True for the slots left out, at least one False per batch element; or None.
 
     Returns:
         updates (B, K, Dv) and the attention masks A (B, K, N, before eps) or None, in the inputs' dtype.
     """
     eps = _check_core_inputs(q, k, v, eps)
-    scale = q.shape[2] ** -0.5 if scale is None else _validate.finite("scale", scale)
+    (B, K, Dq), Dv = q.shape, v.shape[2]
+    _heads_and_mask.check(n_heads, slot_mask, B, K, Dq, Dv, q.device)
+    scale = (Dq // n_heads) ** -0.5 if scale is None else _validate.finite("scale", scale)
     if not isinstance(return_attn, bool):
         raise TypeError(f"return_attn must be a bool, got {type(return_attn).__name__}")
     dtype = _validate.compute_dtype(q, k, v)
-    chosen = _backend.resolve("slot_attention_core", backend, q.device.type, (q.shape[1], q.shape[2], v.shape[2]))
+    masked = slot_mask is not None
+    sizes = (*_heads_and_mask.virtual_sizes(K, Dq, n_heads, masked), Dv)
+    chosen = _backend.resolve("slot_attention_core", backend, q.device.type, sizes)
     q, k, v = _validate.cast(dtype, q, k, v)
-    updates, attn, _ = _core(q, k, v, scale, eps, return_attn, chosen)
+    if n_heads == 1 and not masked:
+        updates, attn, _ = _core(q, k, v, scale, eps, return_attn, chosen)
+    else:
+        q, k = _heads_and_mask.queries(q, n_heads, slot_mask), _heads_and_mask.keys(k, masked)
+        updates, attn, _ = _core(q, k, v, scale, eps, return_attn, chosen)
+        updates, attn = _heads_and_mask.collapse(updates, attn, n_heads)
     return updates, attn if return_attn else None
 
 
@@ -450,6 +470,8 @@ def slot_attention(
     grad_last_only: bool = False,
     backend: str | None = None,
     fused: bool = True,
+    n_heads: int = 1,
+    slot_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``n_iters`` slot attention iterations (videosaur ``SlotAttention.forward`` after the k/v projection).
 
@@ -474,6 +496,9 @@ def slot_attention(
         fused: on the triton backend, run all iterations in one persistent kernel per batch element (and one
             for the backward) where the core's Triton limits hold for the slot width D too; False runs the loop
             (the core kernels between torch layers). Other backends ignore it.
+        n_heads, slot_mask: OCLF's multi-head core and slot mask (B, K), as in :func:`slot_attention_core`, in
+            every iteration (scale then defaults to (Dq / n_heads) ** -0.5). They run the Python loop over the
+            chosen backend's core (the fused kernels and the C++ loop are single-head and unmasked).
 
     Returns:
         ``(slots, masks)``: (B, K, D) and the last iteration's attention (B, K, N), in the slots' dtype
@@ -493,21 +518,38 @@ def slot_attention(
     if not isinstance(fused, bool):
         raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
     B, K, D = slots.shape
-    Dq = k.shape[2]
-    p = _check_params(params, D, Dq, v.shape[2], slots.device)
+    Dq, Dv = k.shape[2], v.shape[2]
+    p = _check_params(params, D, Dq, Dv, slots.device)
     eps = _check_core_inputs(slots.new_empty(B, K, Dq), k, v, eps)
-    scale = Dq**-0.5 if scale is None else _validate.finite("scale", scale)
+    _heads_and_mask.check(n_heads, slot_mask, B, K, Dq, Dv, slots.device)
+    scale = (Dq // n_heads) ** -0.5 if scale is None else _validate.finite("scale", scale)
     out = slots.dtype
     acc = accumulator_dtype(_validate.compute_dtype(slots, k, v, *p.values()))
-    chosen = _backend.resolve("slot_attention_core", backend, slots.device.type, (K, Dq, v.shape[2]))
+    plain = n_heads == 1 and slot_mask is None
+    sizes = (*_heads_and_mask.virtual_sizes(K, Dq, n_heads, slot_mask is not None), Dv)
+    chosen = _backend.resolve("slot_attention_core", backend, slots.device.type, sizes)
     s, k, v = _validate.cast(acc, slots, k, v)
     p = {key: value if value.dtype == acc else value.to(acc) for key, value in p.items()}
     applies, whole_loop = WHOLE_LOOPS.get(chosen, (None, None))
     with torch.autocast(slots.device.type, enabled=False):
-        if whole_loop is not None and applies(fused, K, D, Dq, v.shape[2]):
+        if plain and whole_loop is not None and applies(fused, K, D, Dq, Dv):
             s, attn = whole_loop(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only)
             return s.to(out), attn.to(out)
         # the Python loop over the chosen core: the reference's, with torch's fused GRUCell
-        core = lambda q, k, v, last: _core(q, k, v, scale, eps, last, chosen)[:2]  # noqa: E731
+        core = _loop_core(k, scale, eps, chosen, n_heads, slot_mask)
         s, attn = iterations(s, k, v, p, n_iters, gru_hidden, grad_last_only, core, _aten_gru_cell)
     return s.to(out), attn.to(out)
+
+
+def _loop_core(k, scale, eps, backend, n_heads, slot_mask):
+    """The iteration loop's ``core(q, k, v, last) -> (U, A)`` on ``backend``; with heads or a mask, the keys are
+    rewritten once here and each iteration's queries in the call (kdfast/ops/_heads_and_mask.py)."""
+    if n_heads == 1 and slot_mask is None:
+        return lambda q, k, v, last: _core(q, k, v, scale, eps, last, backend)[:2]
+    keys = _heads_and_mask.keys(k, slot_mask is not None)
+
+    def core(q, k, v, last):
+        updates, attn, _ = _core(_heads_and_mask.queries(q, n_heads, slot_mask), keys, v, scale, eps, last, backend)
+        return _heads_and_mask.collapse(updates, attn, n_heads)
+
+    return core

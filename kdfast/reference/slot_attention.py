@@ -46,12 +46,27 @@ def _core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: float, eps: floa
     return U, A, W, Z
 
 
+def _heads_core(q, k, v, s, eps, n_heads, slot_mask):
+    """``(U, A)`` of OCLF's multi-head, masked core: one softmax per token over all (slot, head) pairs, masked
+    slots at -inf in every head; U (B, K, Dv) with the heads side by side, A (B, K, N) averaged over the heads."""
+    (B, K, Dq), N, H = q.shape, k.shape[1], n_heads
+    L = s * torch.einsum("bkhd,bnhd->bkhn", q.view(B, K, H, Dq // H), k.view(B, N, H, Dq // H))
+    if slot_mask is not None:
+        L = L.masked_fill(slot_mask.view(B, K, 1, 1), float("-inf"))
+    A = torch.softmax(L.reshape(B, K * H, N), dim=1).view(B, K, H, N)  # over the slots and heads together
+    W = A + eps
+    U = torch.einsum("bkhn,bnhd->bkhd", W, v.view(B, N, H, -1)) / W.sum(-1, keepdim=True)
+    return U.reshape(B, K, -1), A.mean(2)
+
+
 def slot_attention_core(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None = None,
     eps: float = 1e-8,
+    n_heads: int = 1,
+    slot_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Slot-attention core: softmax over the slots, then a weighted mean over the inputs.
 
@@ -65,12 +80,20 @@ def slot_attention_core(
         Z_i     &= \textstyle\sum_n W[i, n] \\
         U_i     &= \textstyle\sum_n W[i, n]\, v_n / Z_i                 && (K \times D_v)
 
+    With ``n_heads`` = H > 1 (OCLF's SlotAttention), q, k and v split into H heads of D / H and Dv / H features,
+    :math:`L[i, h, n] = s \langle q_{ih}, k_{nh} \rangle` and the softmax runs over all (slot, head) pairs of a
+    token at once; U holds the heads side by side and A is averaged over the heads. ``slot_mask`` (B, K) bool
+    sets the logits of the slots marked True to -inf in every head: their attention is 0 and their update is the
+    plain mean of the values.
+
     Args:
         q: (B, K, D) queries.
         k: (B, N, D) keys.
         v: (B, N, Dv) values.
-        scale: logit scale s; None means ``D ** -0.5``.
+        scale: logit scale s; None means ``(D / n_heads) ** -0.5``.
         eps: e, added to the attention before the normalisation over the inputs.
+        n_heads: H, dividing D and Dv.
+        slot_mask: (B, K) bool, True for slots left out of the competition, or None.
 
     Returns:
         ``(U, A)``: updates (B, K, Dv) and the attention masks A (B, K, N) *before* eps, both in
@@ -79,7 +102,11 @@ def slot_attention_core(
     out = promoted_dtype(q, k, v)
     acc = accumulator_dtype(out)
     q, k, v = upcast(q, acc), upcast(k, acc), upcast(v, acc)
-    U, A, _, _ = _core(q, k, v, _logit_scale(q, scale), eps)
+    if n_heads == 1 and slot_mask is None:
+        U, A, _, _ = _core(q, k, v, _logit_scale(q, scale), eps)
+    else:
+        s = (q.shape[-1] // n_heads) ** -0.5 if scale is None else scale
+        U, A = _heads_core(q, k, v, s, eps, n_heads, slot_mask)
     return U.to(out), A.to(out)
 
 
@@ -162,9 +189,12 @@ def _gru_cell(
     return (1.0 - z) * n + z * h
 
 
-def _reference_core(scale, eps):
+def _reference_core(scale, eps, n_heads=1, slot_mask=None):
     """The reference core as the iteration calls it: ``core(q, k, v, last) -> (U, A)``."""
-    return lambda q, k, v, last: _core(q, k, v, _logit_scale(q, scale), eps)[:2]
+    if n_heads == 1 and slot_mask is None:
+        return lambda q, k, v, last: _core(q, k, v, _logit_scale(q, scale), eps)[:2]
+    return lambda q, k, v, last: _heads_core(q, k, v, (q.shape[-1] // n_heads) ** -0.5 if scale is None else scale,
+                                             eps, n_heads, slot_mask)
 
 
 def iteration(slots, k, v, params, gru_hidden, core, gru_cell=None, last=True):
@@ -218,8 +248,11 @@ def slot_attention_step(
     scale: float | None = None,
     eps: float = 1e-8,
     gru_hidden: str = "normed",
+    n_heads: int = 1,
+    slot_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""One slot-attention iteration, ``SlotAttention.step`` of videosaur / SlotContrast.
+    r"""One slot-attention iteration, ``SlotAttention.step`` of videosaur / SlotContrast (and of OCLF with
+    ``n_heads`` and ``slot_mask``, see :func:`slot_attention_core`).
 
     .. math::
 
@@ -253,13 +286,15 @@ def slot_attention_step(
         scale: logit scale; None means ``Dq ** -0.5`` (videosaur's ``kvq_dim ** -0.5``).
         eps: the core's eps.
         gru_hidden: "normed" | "prev" (anything else raises ValueError).
+        n_heads, slot_mask: as in :func:`slot_attention_core` (scale then defaults to ``(Dq / n_heads) ** -0.5``).
 
     Returns:
         ``(slots', A)``: (B, K, D) in ``slots``' dtype and the masks (B, K, N) of this iteration.
     """
     out = slots.dtype
     acc = accumulator_dtype(out)
-    new, A = iteration(upcast(slots, acc), upcast(k, acc), upcast(v, acc), params, gru_hidden, _reference_core(scale, eps))
+    new, A = iteration(upcast(slots, acc), upcast(k, acc), upcast(v, acc), params, gru_hidden,
+                       _reference_core(scale, eps, n_heads, slot_mask))
     return new.to(out), A.to(out)
 
 
@@ -273,6 +308,8 @@ def slot_attention(
     eps: float = 1e-8,
     gru_hidden: str = "normed",
     grad_last_only: bool = False,
+    n_heads: int = 1,
+    slot_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""``n_iters`` iterations of :func:`slot_attention_step` (videosaur ``SlotAttention.forward``
     after the k/v projection).
@@ -293,7 +330,7 @@ def slot_attention(
     half-precision input is not rounded between iterations.
 
     Args:
-        slots, k, v, params, scale, eps, gru_hidden: as in :func:`slot_attention_step`.
+        slots, k, v, params, scale, eps, gru_hidden, n_heads, slot_mask: as in :func:`slot_attention_step`.
         n_iters: number of iterations (>= 1).
         grad_last_only: see above.
 
@@ -303,7 +340,7 @@ def slot_attention(
     out = slots.dtype
     acc = accumulator_dtype(out)
     s, A = iterations(upcast(slots, acc), upcast(k, acc), upcast(v, acc), params, n_iters, gru_hidden,
-                      grad_last_only, _reference_core(scale, eps))
+                      grad_last_only, _reference_core(scale, eps, n_heads, slot_mask))
     return s.to(out), A.to(out)
 
 
