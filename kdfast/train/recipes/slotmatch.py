@@ -1,25 +1,28 @@
-"""``kdfast train slotmatch``: a SlotContrast-style teacher on multi-object video, then a SlotMatch student.
+"""``kdfast train slotmatch``: a SlotContrast-style teacher on multi-object video, then SlotMatch students.
 
 Teacher (SlotContrast's pipeline, scaled to a 2-core CPU): a small CNN encoder (3x3 convolutions, the first
-strided by ``patch``: 32x32 frames -> 16x16 tokens, with a soft position embedding) -> kdfast.nn.SlotAttention
-frame by frame (5 iterations on the first frame, 2 after; the slots of one frame initialise the next; implicit
-differentiation: gradients through the last iteration only) -> a broadcast decoder on a 16x16 grid whose alpha
-masks (softmax over slots, upsampled bilinearly) paint one colour per slot. Loss: the pixel reconstruction of
-the decoder + the same reconstruction painted with the slot-attention masks (an auxiliary loss that makes the
-attention group like the decoder). SlotContrast's slot contrastive term and predictor are options
-(``contrast_weight``, ``predictor``), off by default: at this scale the contrastive term collapses the grouping
-(FG-ARI 0.06 at weight 0.5, 0.47 at 0.02) and the predictor does not help (measured, see
-/work/shared/findings/recipes.md).
+strided by ``patch``: 32x32 frames -> 16x16 tokens) -> slot attention frame by frame (5 iterations on the first
+frame, 2 after; the slots of one frame initialise the next; implicit differentiation: gradients through the last
+iteration only) -> a broadcast decoder on a 16x16 grid whose alpha masks (softmax over slots, upsampled bilinearly)
+paint one colour per slot. Loss: the pixel reconstruction of the decoder + the same reconstruction painted with
+the slot-attention masks (an auxiliary loss that makes the attention group like the decoder). By default the slots
+are translation-invariant (``invariant``; slotmatch_models.InvariantGrouper, on kdfast.ops.slot_attention_core):
+each carries a position and a scale, keys, values and decoder see positions relative to them, and the encoder
+has no absolute position; ``--set invariant=false`` runs kdfast.nn.SlotAttention with an absolute position
+embedding. SlotContrast's slot contrastive term and predictor are options (``contrast_weight``, ``predictor``),
+off by default: at this scale the contrastive term collapses the grouping (FG-ARI 0.06 at weight 0.5, 0.47 at
+0.02) and the predictor does not help.
 
-Student (SlotMatch): the same pipeline with fewer encoder channels and narrower slots; its own reconstruction
-losses + ``match_weight`` x kdfast.nn.SlotMatchLoss (1 - cosine, Hungarian pairing) between its final slots,
-projected to the teacher's width, and the frozen teacher's slots. The projection is used in training only and is
-not counted in the student's parameters. The weight matters: the reconstruction MSEs are 0.01-0.05 while 1 - cosine
-starts near 1, so at ``match_weight=1`` the matching term is 20-100x the reconstruction, the student's slots copy
-the teacher's vectors (1 - cos 0.11) and its attention never groups (FG-ARI 0.05, measured); at 0.01 (the default)
-the slots still align (1 - cos 0.18) and the student groups like a student trained alone. The slots before the
-last iteration cannot be matched instead: under implicit differentiation they enter the last iteration detached,
-so a loss on them never reaches the student.
+Students (SlotMatch): the same pipeline with fewer encoder channels and narrower slots, ``student_steps`` steps
+(a third of the teacher's by default) on the first ``student_videos`` clips; their own reconstruction losses +
+``match_weight`` x kdfast.nn.SlotMatchLoss (1 - cosine, Hungarian pairing) between their final slots, projected
+to the teacher's width, and the frozen teacher's slots (+ optionally ``attention_weight`` x the cross-entropy of
+their attention masks to the teacher's). The projection is used in training only and is not counted in the
+student's parameters. The weight matters: the reconstruction MSEs are 0.01-0.05 while 1 - cosine starts near 1;
+at ``match_weight=1`` the student's slots copy the teacher's vectors and its attention never groups (FG-ARI 0.05,
+measured). For ``student_seeds`` seeds, a student is trained with the teacher and (``student_alone``) the same
+student from the same weights and batches without it: the report gives both, their mean +- std and the paired
+difference, which is what distillation adds here.
 
 With ``--data features.npy|.pt`` precomputed features replace the encoder's convolutions and the decoder paints
 one feature vector per slot on the token grid.
@@ -28,8 +31,8 @@ Report (held-out clips): video FG-ARI and mBO of the slot-attention masks (the h
 bilinearly to the frame, then the argmax over slots) and of the decoder masks (SlotContrast's choice), read out
 with ``eval_first_iters`` / ``eval_later_iters`` iterations; the ceiling of a token-level segmentation (the true
 masks on the token grid, each token labelled with its most frequent object, background only when it holds no
-object pixel, scored at the pixels); parameter counts and inference frames per second. It writes ``masks.png``
-and ``curves.png`` and ends with a few sentences of what was shown.
+object pixel, scored at the pixels); parameter counts and inference frames per second (best of 3 timed forwards).
+It writes ``masks.png`` and ``curves.png`` and ends with a few sentences of what was shown.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ FRAMES, IMAGE_SIZE, PATCH, SLOTS, EVAL_VIDEOS = 4, 32, 2, 7, 128
 TEACHER = {"channels": 32, "slot_dim": 32, "hidden": 64}
 # The student: about 3.3x fewer parameters (the paper: 3.6x), half the slot width.
 STUDENT = {"channels": 18, "slot_dim": 16, "hidden": 32}
-STUDENT_STEPS, STUDENT_VIDEOS, ATTENTION_WEIGHT = 1500, 2000, 0.0
+STUDENT_STEPS, STUDENT_VIDEOS, ATTENTION_WEIGHT = 500, 2000, 0.0
 
 
 @dataclass

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from kdfast import ops
 from kdfast.nn import SlotAttention
 
-
-# The first frame's slots start at random positions, this wide (Invariant Slot Attention starts them at 0.1).
-INITIAL_SCALE = 0.1
+# The first frame's slots start at random positions, this wide (frame coordinates span [-1, 1]). Invariant Slot
+# Attention starts them at 0.1; 0.3 scored 0.670 against 0.637 (attention FG-ARI, one teacher seed each).
+INITIAL_SCALE = 0.3
 
 
 def positions(h: int, w: int) -> Tensor:
