@@ -169,3 +169,26 @@ def test_module_options_get_a_clear_error():
         SlotAttention(8, 12, n_heads=5)
     with pytest.raises(TypeError, match=r"bias must be a bool, got int"):
         SlotAttention(8, 12, bias=1)
+
+
+def test_module_on_cpp_folds_the_projections_into_the_iteration(monkeypatch):
+    """On the CPU with the cpp backend the module never forms k and v (nn.SlotAttention._folds_projections says
+    why): to_k and to_v are never called, and slots, masks and every gradient equal the reference backend's, which
+    projects first. Where the fold would cost more (inp much wider than kvq_dim) the module projects."""
+    torch.manual_seed(3)
+    module = SlotAttention(20, 16, backend="cpp").double()
+    twin = SlotAttention(20, 16, backend="reference").double()
+    twin.load_state_dict(module.state_dict())
+    slots, features = leaf(rand(2, 5, 16, dtype=torch.float64)), leaf(rand(2, 31, 20, dtype=torch.float64))
+    assert module._folds_projections(slots, features, module.n_iters)
+    assert not twin._folds_projections(slots, features, twin.n_iters)
+    for layer in (module.to_k, module.to_v):
+        monkeypatch.setattr(layer, "forward", lambda x: pytest.fail("the folded forward projected the features"))
+    got, want = module(slots, features), twin(slots, features)
+    grad_out = (rand(2, 5, 16, dtype=torch.float64), rand(2, 5, 31, dtype=torch.float64))
+    got_grads = grads_of((got["slots"], got["masks"]), (slots, features, *module.parameters()), grad_out)
+    want_grads = grads_of((want["slots"], want["masks"]), (slots, features, *twin.parameters()), grad_out)
+    for g, w in zip((got["slots"], got["masks"], *got_grads), (want["slots"], want["masks"], *want_grads)):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-12)
+    wide = SlotAttention(400, 16, kvq_dim=8, backend="cpp")
+    assert not wide._folds_projections(rand(2, 5, 16), rand(2, 7, 400), 3)  # 3 * 5 * 392 >= 400 * 8

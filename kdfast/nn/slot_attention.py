@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdfast import ops
+from kdfast import _backend, ops
 
 
 class _ResidualMLP(nn.Module):
@@ -113,13 +113,39 @@ class SlotAttention(nn.Module):
     def forward(self, slots: Tensor, features: Tensor, n_iters: int | None = None,
                 slot_mask: Tensor | None = None) -> dict[str, Tensor]:
         features = self.norm_features(features)
-        keys, values = self.to_k(features), self.to_v(features)
-        slots, masks = self._iterations(slots, keys, values, self.n_iters if n_iters is None else n_iters, slot_mask)
+        n_iters = self.n_iters if n_iters is None else n_iters
+        if self._folds_projections(slots, features, n_iters):
+            params = self.iteration_params()
+            params["to_q.weight"] = self.to_k.weight.t() @ self.to_q.weight
+            params["gru.weight_ih"] = self.gru.weight_ih @ self.to_v.weight
+            slots, masks = self._iterations(slots, features, features, n_iters, slot_mask, params)
+        else:
+            slots, masks = self._iterations(slots, self.to_k(features), self.to_v(features), n_iters, slot_mask)
         return {"slots": slots, "masks": masks}
 
-    def _iterations(self, slots, keys, values, n_iters, slot_mask):
+    def _folds_projections(self, slots: Tensor, features: Tensor, n_iters: int) -> bool:
+        """Whether this forward runs on the normalised features themselves, never forming k and v.
+
+        The logits q_i . (W_k f_n) are (W_k^T q_i) . f_n, and the updates, weighted means of W_v f_n, are W_v
+        times the weighted means of f_n, which the GRU's input weight absorbs (W_ih W_v). So the core can take
+        the features as keys and values, with to_q's weight W_k^T W_q and the GRU's W_ih W_v formed per forward
+        (slot-sized products): the two (N, inp) x (inp, kvq_dim) projections go, and in the backward their four
+        GEMMs, while each iteration's core works on inp instead of kvq_dim features. That pays while
+        n_iters * K * (inp - kvq_dim) < inp * kvq_dim (always when inp <= kvq_dim). Measured on the CPU with the
+        cpp backend only (benchmarks/bench_slot_attention.py); float32 results differ by rounding (~1e-7).
+        Needs a GRU, one head and no projection biases (a key bias adds a per-slot logit term)."""
+        if features.device.type != "cpu" or self.gru is None or self.n_heads != 1 or self.to_k.bias is not None:
+            return False
+        if self.to_q.bias is not None or slots.dim() != 3:  # a bad input gets kdfast.ops' error, unfolded
+            return False
+        inp, kvq = self.to_k.in_features, self.to_k.out_features
+        if n_iters * slots.shape[1] * (inp - kvq) >= inp * kvq:
+            return False
+        return _backend.resolve("slot_attention_core", self.backend, "cpu", (slots.shape[1], kvq, kvq)) == "cpp"
+
+    def _iterations(self, slots, keys, values, n_iters, slot_mask, params=None):
         return ops.slot_attention(
-            slots, keys, values, self.iteration_params(), n_iters,
+            slots, keys, values, self.iteration_params() if params is None else params, n_iters,
             scale=self.scale, eps=self.eps, gru_hidden=self.gru_hidden, grad_last_only=self.grad_last_only,
             backend=self.backend, fused=self.fused, n_heads=self.n_heads, slot_mask=slot_mask,
         )
