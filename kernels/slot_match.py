@@ -25,6 +25,17 @@ MAX_SLOTS = 128  # largest K or M one program handles; the caller falls back abo
 # the few hundred rows of a slot batch.
 _ROW_TILE = 2048
 
+# Spill budgets on sm_90 (H100/H200), bytes of spill stores per thread, checked by tests/test_gpu_compile.py at the
+# launches this module makes at the design presets and its size limits; measured with Triton 3.9's ptxas (see
+# benchmarks/results/sm90-resources.md), the budget a quarter above the measurement for other Triton versions.
+# Measured: cosine fwd 12 B (64 x 64 slots), cosine bwd 288 B at movi-e and 27.8 KB / 31.6 KB at 64 / 128 slots
+# (registers capped at 32 by ptxas there: the K x M tiles are held whole; to be timed on a GPU before a retiling),
+# loss bwd 68 B, loss fwd and assignment 0.
+SM90_SPILL_BUDGET = {
+    "_slot_cosine_similarity_fwd_kernel": 64, "_slot_cosine_similarity_bwd_kernel": 40000,
+    "_slot_match_loss_fwd_kernel": 0, "_slot_match_loss_bwd_kernel": 128, "_slot_assignment_kernel": 0,
+}
+
 
 @triton.jit
 def _clamp_norm(sq_norm, eps):
