@@ -16,7 +16,7 @@ import torch
 import kdfast.nn
 import kdfast.ops
 from kdfast import reference
-from tests.eager_slot_attention import EagerSlotAttention
+from tests.eager_slot_attention import EagerSlotAttention, OCLFSlotAttention, ResidualMLP
 
 from .conftest import DEVICE, DTYPE, FWD_BWD, bench_cases, implementation_names, make_implementation, run_case
 from .presets import SLOT_ATTENTION_CPU_BATCH, SLOTCONTRAST
@@ -53,8 +53,41 @@ def make_module(B, N, inp_dim, D, K, backward, iters):
     return eager, kdfast_module, (slots, features), wrt, lambda out: out["slots"]
 
 
-# name -> (maker: (B, N, inp_dim, D, K, backward, iters) -> (eager, kdfast, inputs, wrt, output), iterations)
-OPS = {"slot_attention_core": (make_core, 0), "SlotAttention[2 iters]": (make_module, 2), "SlotAttention[3 iters]": (make_module, 3)}
+def make_oclf_module(n_heads: int, masked: bool):
+    """OCLF's options (tests/eager_slot_attention.py's OCLFSlotAttention as the eager baseline): ``n_heads`` heads,
+    and with ``masked`` a slot mask leaving out every other slot."""
+
+    def make(B, N, inp_dim, D, K, backward, iters):
+        eager = OCLFSlotAttention(D, inp_dim, D, n_heads, iters, ff_mlp=ResidualMLP(D, 4 * D)).to(DEVICE, DTYPE)
+        ours = kdfast.nn.SlotAttention(inp_dim, D, n_iters=iters, n_heads=n_heads, gru_hidden="prev").to(DEVICE, DTYPE)
+        ours.load_state_dict({key.replace("norm_input.", "norm_features.").replace("ff_mlp.", "mlp."): value
+                              for key, value in eager.state_dict().items()})
+        slots = torch.randn(B, K, D, device=DEVICE, dtype=DTYPE, requires_grad=backward)
+        features = torch.randn(B, N, inp_dim, device=DEVICE, dtype=DTYPE, requires_grad=backward)
+        slot_mask = (torch.arange(K, device=DEVICE) % 2 == 1).expand(B, K) if masked else None
+
+        def eager_module(slots, features):
+            return {"slots": eager(features, slots, slot_mask)[0]}
+
+        def kdfast_module(slots, features, backend):
+            ours.backend = backend
+            return ours(slots, features, slot_mask=slot_mask)
+
+        wrt = (slots, features, *eager.parameters(), *ours.parameters()) if backward else ()
+        return eager_module, kdfast_module, (slots, features), wrt, lambda out: out["slots"]
+
+    return make
+
+
+# name -> (maker: (B, N, inp_dim, D, K, backward, iters) -> (eager, kdfast, inputs, wrt, output), iterations,
+# presets it runs at)
+OPS = {
+    "slot_attention_core": (make_core, 0, SLOTCONTRAST),
+    "SlotAttention[2 iters]": (make_module, 2, SLOTCONTRAST),
+    "SlotAttention[3 iters]": (make_module, 3, SLOTCONTRAST),
+    "SlotAttention[3 iters, half the slots masked]": (make_oclf_module(1, True), 3, SLOTCONTRAST),
+    "SlotAttention[3 iters, 4 heads]": (make_oclf_module(4, False), 3, ["movi-e"]),
+}
 
 
 def cost(B, N, inp_dim, D, K, iters, backward) -> tuple[int, int]:
@@ -81,17 +114,18 @@ def cost(B, N, inp_dim, D, K, iters, backward) -> tuple[int, int]:
 
 def _implementations(op_name: str, pass_name: str) -> list[str]:
     names = implementation_names("slot_attention_core")
-    if op_name != "slot_attention_core" and "kdfast-triton" in names:  # the step before the fused iterations
-        names.insert(names.index("kdfast-triton") + 1, "kdfast-triton-loop")
+    if op_name in ("SlotAttention[2 iters]", "SlotAttention[3 iters]") and "kdfast-triton" in names:
+        names.insert(names.index("kdfast-triton") + 1, "kdfast-triton-loop")  # the step before the fused iterations
     return names
 
 
-CASES = bench_cases(OPS, SLOTCONTRAST, _implementations)
+CASES = [case for op_name, (_, _, presets) in OPS.items()
+         for case in bench_cases([op_name], presets, _implementations)]
 
 
 @pytest.mark.parametrize("op_name, pass_name, preset, impl", CASES)
 def test_slot_attention(benchmark, op_name, pass_name, preset, impl):
-    make, iters = OPS[op_name]
+    make, iters, _ = OPS[op_name]
     shapes = SLOTCONTRAST[preset]  # one frame of a clip; the 2-core CPU machines run it at a smaller batch
     B = SLOT_ATTENTION_CPU_BATCH if DEVICE.type == "cpu" else shapes.batch
     N, inp_dim, D, K = shapes.tokens, shapes.inp_dim, shapes.slot_dim, shapes.slots
