@@ -41,10 +41,15 @@ def same_size(what: str, **sizes: int) -> None:
 
 def same_device(**tensors: torch.Tensor) -> torch.device:
     devices = {t.device for t in tensors.values()}
+    listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
     if len(devices) > 1:
-        listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
         raise ValueError(f"all tensors must be on one device: {listed}")
-    return devices.pop()
+    device = devices.pop()
+    if device.type == "meta":
+        # Meta tensors hold no values: no backend computes on them (the reference fails inside autocast's dispatch).
+        # torch.compile's fake tensors report their real device, so tracing never gets here.
+        raise ValueError(f"kdfast ops need CPU or CUDA tensors, got {listed} (meta tensors hold no values)")
+    return device
 
 
 def finite(name: str, value: float, *, positive: bool = False) -> float:

@@ -231,6 +231,7 @@ def slot_contrastive_loss(
         The loss in the slots' dtype. Differentiable in ``slots``.
     """
     _validate.tensor("slots", slots, "(B, T, K, D)")
+    _validate.same_device(slots=slots)
     _validate.nonempty("slots", slots, "(B, T, K, D)")
     temperature = _validate.finite("temperature", temperature, positive=True)
     _validate.choice("reduction", reduction, REDUCTIONS)

@@ -179,6 +179,7 @@ def slot_assignment(similarity: Tensor, *, backend: str | None = None) -> Tensor
         synchronisation, returns the identity pairing for that batch element.
     """
     _validate.tensor("similarity", similarity, "(B, K, M)")
+    _validate.same_device(similarity=similarity)
     _validate.nonempty("similarity", similarity, "(B, K, M)")
     if similarity.shape[1] > similarity.shape[2]:
         raise ValueError(f"similarity (B, K, M) needs K <= M to give every row a column, got {tuple(similarity.shape)}")

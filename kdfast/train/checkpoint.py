@@ -97,6 +97,8 @@ def _short(value: Any) -> str:
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save`; a ValueError says what is wrong with a bad one."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
     try:

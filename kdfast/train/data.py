@@ -312,6 +312,7 @@ def open_image_data(path: str | Path, size: int = 32) -> TensorDataset:
         files = [(f, label) for label, folder in enumerate(classes) for f in _images_in(folder)]
         if not files:
             raise ValueError(f"--data: {str(path)!r} has no <class>/<image> files ({', '.join(IMAGE_SUFFIXES)})")
+        _enough(len(files), path, "image", "images")
         images = np.stack([_read_image(f, size) for f, _ in files])
         return TensorDataset(image=_to_chw_float(images, str(path)), label=torch.tensor([label for _, label in files]))
     if path.suffix != ".npz":
@@ -321,8 +322,16 @@ def open_image_data(path: str | Path, size: int = 32) -> TensorDataset:
     y_key = next((k for k in ("y", "labels") if k in arrays), None)
     if x_key is None or y_key is None:
         raise ValueError(f"--data: {str(path)!r} needs arrays x/images/data and y/labels, has {list(arrays)}")
+    _enough(len(arrays[x_key]), path, "image", "images")
     images = _to_chw_float(arrays[x_key], f"{path}:{x_key}", size)
     return TensorDataset(image=images, label=_labels(arrays[y_key], f"{path}:{y_key}", len(images)))
+
+
+def _enough(count: int, path: Path, one: str, many: str) -> None:
+    """Every recipe holds some of its --data out (``split``): fewer than 2 samples is a user error about the file."""
+    if count < 2:
+        held = f"holds no {many}" if count == 0 else f"holds 1 {one}"
+        raise ValueError(f"--data: {str(path)!r} {held}; at least 2 are needed (training samples and a held-out set)")
 
 
 def _clips(array: Tensor, num_frames: int) -> Tensor:
@@ -390,7 +399,9 @@ def open_video_data(path: str | Path, num_frames: int = 4, size: int = 32) -> Te
         tensors = _feature_file(path)
     else:
         raise ValueError(f"--data: expected a frame directory, .npy or .pt, got {str(path)!r}")
-    return TensorDataset(**{k: _clips(t, num_frames) for k, t in tensors.items()})
+    clips = {k: _clips(t, num_frames) for k, t in tensors.items()}
+    _enough(len(next(iter(clips.values()))), path, f"clip of {num_frames} frames", f"clips of {num_frames} frames")
+    return TensorDataset(**clips)
 
 
 # ---------------------------------------------------------------------------------------------------------------
