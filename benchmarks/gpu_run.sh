@@ -20,7 +20,7 @@ DRY="${KDFAST_GPU_DRY_RUN:-0}"
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
 if [[ "$DRY" == 1 ]]; then
   OUT="${OUT:-$(mktemp -d)}"
-  BUDGET="${KDFAST_GPU_BUDGET_S:-150}"  # about 15 CPU seconds; the caps leave room for a loaded 2-core machine
+  BUDGET="${KDFAST_GPU_BUDGET_S:-300}"  # about 15 CPU seconds; the caps leave room for a loaded 2-core machine
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
 else
   OUT="${OUT:-benchmarks/results/gpu-run}"
@@ -64,7 +64,7 @@ if [[ "$DRY" == 1 ]]; then
   # CI built kdfast (extension required) just before: check that build instead of compiling it again.
   step "stage1 build (checked, not rebuilt)" 30 "$OUT/stage1/install.txt" \
     python -c "import torch, kdfast; from kdfast import _backend; print(kdfast.info()); assert not _backend.extension_error(), _backend.extension_error()"
-  step "stage1 smoke" "$(min 60 "$(left)")" "$OUT/stage1/smoke.txt" \
+  step "stage1 smoke" "$(min 120 "$(left)")" "$OUT/stage1/smoke.txt" \
     python benchmarks/gpu_smoke.py --out "$OUT/stage1" --device cpu --tiny
 else
   MAX_JOBS=16 step "stage1 build" "$(min 150 "$(left)")" "$OUT/stage1/install.txt" \

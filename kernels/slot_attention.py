@@ -33,6 +33,12 @@ from ._launch import accumulator_dtype, block_size, device_guard, empty_output, 
 MAX_SLOTS = 64  # largest K one program holds; the caller falls back above it (see also MAX_SLOT_TILE)
 MAX_DIM = 256  # largest D and Dv
 
+# Spill stores per thread allowed on sm_90 (tests/test_gpu_compile.py; benchmarks/results/sm90-resources.md): measured
+# with Triton 3.9's ptxas, the core forward and both reductions spill nothing, the core backward 0-68 B at the presets
+# and 100 B at K=32, D=256; the budget is a quarter above.
+SM90_SPILL_BUDGET = {"_slot_attention_core_fwd_kernel": 0, "_slot_attention_core_fwd_reduce_kernel": 0,
+                     "_slot_attention_core_bwd_kernel": 128, "_slot_attention_core_bwd_reduce_kernel": 0}
+
 
 @triton.jit
 def _softmax_over_slots(q, k, valid_k, scale):

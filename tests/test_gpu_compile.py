@@ -37,20 +37,6 @@ SM90_SHARED_LIMIT = 232448
 
 MODULES = ["slot_match", "slot_contrastive_loss", "lora", "gini_kl", "slot_attention", "slot_attention_iterations"]
 
-# Budgets of the slot attention kernels until their kernels modules carry SM90_SPILL_BUDGET themselves
-# (bytes of spill stores per thread, measured with this test; see benchmarks/results/sm90-resources.md).
-_PENDING_BUDGETS = {
-    # measured (Triton 3.9): core fwd and both reductions 0; core bwd 100 B at K=32, D=256 (0-68 B at the presets)
-    "slot_attention": {
-        "_slot_attention_core_fwd_kernel": 0, "_slot_attention_core_fwd_reduce_kernel": 0,
-        "_slot_attention_core_bwd_kernel": 128, "_slot_attention_core_bwd_reduce_kernel": 0,
-    },
-    # measured: fwd 152 B at movi-e, 1.8 KB at K=32, D=256; bwd 36 B at movi-c, 328 B at movi-e, 12.6 KB at K=64,
-    # D=128 (1.9 KB at K=32, D=256)
-    "slot_attention_iterations": {"_slot_attention_fwd_kernel": 2300, "_slot_attention_bwd_kernel": 16000},
-}
-
-
 def _module(name):
     return importlib.import_module(f"kdfast.kernels.{name}")
 
@@ -62,8 +48,7 @@ def _kernels_of(module) -> dict:
 
 
 def budget(module_name: str, kernel: str) -> int:
-    table = getattr(_module(module_name), "SM90_SPILL_BUDGET", None) or _PENDING_BUDGETS.get(module_name, {})
-    return table[kernel]
+    return _module(module_name).SM90_SPILL_BUDGET[kernel]
 
 
 # ----------------------------------------------------------------------------------------------- capture

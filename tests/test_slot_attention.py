@@ -824,39 +824,3 @@ def test_fused_must_be_a_bool():
     params = {name: p.detach() for name, p in eager.named_parameters()}
     with pytest.raises(TypeError, match=r"fused must be a bool, got int"):
         ops.slot_attention(rand(2, 3, 6), rand(2, 5, 4), rand(2, 5, 4), params, fused=1)
-
-
-# H100/H200: the most shared memory one block may use.
-_SM90_SHARED_LIMIT = 232448
-
-
-@pytest.mark.parametrize("preset", [(11, 576, 64), (15, 576, 128), (32, 37, 256), (64, 37, 128)], ids=["movi-c", "movi-e", "widest", "most-slots"])
-def test_triton_kernels_compile_for_sm90(preset):
-    """The Triton kernels run here only through the interpreter: compile them for an H100/H200 (sm_90, Triton's
-    own ptxas, no GPU needed) with the geometry their launchers pick, so that a kernel the GPU compiler rejects or
-    that asks for more shared memory than a block has fails here. Registers and spills are printed (-s)."""
-    pytest.importorskip("triton.backends.nvidia")
-    from harness import compile_for_gpu
-
-    core = importlib.import_module("kdfast.kernels.slot_attention")
-    fused = importlib.import_module("kdfast.kernels.slot_attention_iterations")
-    K, N, D = preset
-    block_k, block_n, block_d, block_dv, *_, num_warps = core._geometry(64, K, N, D, D, torch.float32, torch.device("cuda"))
-    blocks = {"BLOCK_K": block_k, "BLOCK_N": block_n, "BLOCK_D": block_d, "BLOCK_DV": block_dv}
-    geometry = fused._geometry(K, D, D, D)
-    fused_warps = geometry.pop("num_warps")
-    kernels = [
-        (core._slot_attention_core_fwd_kernel, {"STORE_ATTN": True, "IS_FP64": False, **blocks}, num_warps),
-        (core._slot_attention_core_fwd_reduce_kernel, {"IS_FP64": False, "BLOCK_K": block_k, "BLOCK_DV": block_dv}, 4),
-        (core._slot_attention_core_bwd_kernel, {"HAS_GRAD_ATTN": True, "IS_FP64": False, **blocks}, num_warps),
-        (core._slot_attention_core_bwd_reduce_kernel, {"IS_FP64": False, "BLOCK_K": block_k, "BLOCK_D": block_d}, 4),
-        (fused._slot_attention_fwd_kernel, {"HAS_Q_BIAS": True, "HAS_GRU": True, "HAS_GRU_BIAS": True, "HAS_MLP": True,
-                                            "HIDDEN_NORMED": True, "STORE_ATTN": True, "IS_FP64": False, **geometry}, fused_warps),
-        (fused._slot_attention_bwd_kernel, {"HAS_GRU": True, "HAS_MLP": True, "HIDDEN_NORMED": True,
-                                            "HAS_GRAD_ATTN": True, "IS_FP64": False, **geometry}, fused_warps),
-    ]
-    requests = [(core.__name__ if hasattr(core, kernel.fn.__name__) else fused.__name__, kernel.fn.__name__,
-                 constexprs, warps) for kernel, constexprs, warps in kernels]
-    for (_, name, _, warps), resources in zip(requests, compile_for_gpu(requests)):
-        print(f"sm_90 {name} K={K} N={N} D={D} warps={warps}: {resources}")
-        assert resources["DYNAMIC_SHARED"] <= _SM90_SHARED_LIMIT, f"{name}: {resources}"
