@@ -873,7 +873,8 @@ MODULES = {m.name: m for m in [
            lambda s, g, t, b, **o: _randomised(knn.SlotAttention(s["I"], s["D"], backend=b, **{"n_iters": 2, **o}).to(t), g),
            lambda s, g, t: {"slots": randn(g, s["B"], s["K"], s["D"], dtype=t).requires_grad_(),
                             "features": randn(g, s["B"], s["N"], s["I"], dtype=t).requires_grad_()},
-           {"B": None, "K": None, "N": None, "D": (3, 4), "I": (2, 3)}, {"slots": "slots"}, "slot_attention_core"),
+           # I >= 3: norm_features over 2 features gives +-1 whatever they are (their gradient is only rounding)
+           {"B": None, "K": None, "N": None, "D": (3, 4), "I": (3, 4)}, {"slots": "slots"}, "slot_attention_core"),
     Module("GiniKLLoss", lambda s, g, t, b, **o: knn.GiniKLLoss(o.pop("num_classes", s["C"]), backend=b, **o),
            lambda s, g, t: {"activations": randn(g, s["B"], s["F"], 2, 2, dtype=t).requires_grad_(),
                             "labels": labels_for(g, s["B"], s["C"])},

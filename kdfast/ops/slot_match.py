@@ -192,8 +192,11 @@ def slot_assignment(similarity: Tensor, *, backend: str | None = None) -> Tensor
 
 
 def _reference_slot_losses(student: Tensor, teacher: Tensor, assignment: Tensor | None, eps: float) -> Tensor:
-    """Per-slot 1 - cos(student_i, teacher_assignment(i)), through the reference: (B, K)."""
+    """Per-slot 1 - cos(student_i, teacher_assignment(i)), through the reference: (B, K), in float32 at least:
+    1 - cos cancels as cos nears 1, so a cosine rounded to float16 first would lose most of its digits there."""
     B, K, D = student.shape
+    wide = torch.promote_types(student.dtype, torch.float32)
+    student, teacher = _validate.cast(wide, student, teacher)
     if assignment is not None:
         teacher = teacher.gather(1, assignment.unsqueeze(-1).expand(B, K, D))
     cos = reference.slot_cosine_similarity(student.reshape(B * K, 1, D), teacher.reshape(B * K, 1, D), eps)
