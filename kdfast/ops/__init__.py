@@ -5,6 +5,7 @@ Every function validates its inputs, picks a backend (``backend=`` argument, els
 an autograd formula, so the ops work under autograd and torch.compile(fullgraph=True).
 """
 
+from kdfast.ops import _autocast
 from kdfast.ops._compile_cache import tag_compile_caches
 from kdfast.ops.gini_kl import gini_impurity, gini_kl, gini_kl_from_statistics, gini_kl_statistics
 from kdfast.ops.lora import lora_attention, lora_linear, lora_qkv
@@ -28,4 +29,5 @@ __all__ = [
     "slot_match_loss",
 ]
 
+_autocast.register()
 tag_compile_caches()

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kdfast.ops import _autocast
+
 _AUTOGRAD_KEYS = (
     torch._C.DispatchKey.AutogradFunctionality,
     torch._C.DispatchKey.AutogradOther,
@@ -84,11 +86,13 @@ def eager_or_traced(eager, op, *args):
     A custom op's Python autograd costs tens of microseconds per call in eager mode (two boxed dispatcher
     calls into Python); the slot ops' kernels take about as long, so eager calls skip that layer.
 
-    Autocast policy: ops compute in their inputs' dtype (promoted by the caller), never in an autocast dtype,
-    so an enclosing autocast region is switched off for the call.
+    Autocast: in an enclosing autocast region the tensors are cast as ``op``'s rule in kdfast/ops/_autocast.py
+    says (float32 for the reductions, the autocast dtype for the LoRA GEMMs), here in Python so that eager and
+    compiled calls cast alike, and the region is switched off for the call: the kernels see one dtype.
     """
     device_type = next(arg.device.type for arg in args if isinstance(arg, torch.Tensor))
     if torch.is_autocast_enabled(device_type):
+        args = _autocast.cast_args(_autocast.op_name(op), device_type, args)
         with torch.autocast(device_type, enabled=False):
             return _call(eager, op, args)
     return _call(eager, op, args)

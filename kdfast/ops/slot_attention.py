@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kdfast import _backend, reference
 from kdfast._backend import Implementation, extension_op, triton_launcher
-from kdfast.ops import _heads_and_mask, _validate
+from kdfast.ops import _autocast, _heads_and_mask, _validate
 from kdfast.ops._autograd import eager_or_traced, wire_autograd
 from kdfast.reference._common import accumulator_dtype
 from kdfast.reference.slot_attention import iterations
@@ -523,6 +523,7 @@ def slot_attention(
     eps = _check_core_inputs(slots.new_empty(B, K, Dq), k, v, eps)
     _heads_and_mask.check(n_heads, slot_mask, B, K, Dq, Dv, slots.device)
     scale = (Dq // n_heads) ** -0.5 if scale is None else _validate.finite("scale", scale)
+    slots, k, v = _autocast.cast_inputs("slot_attention", slots, k, v)  # float32 in an autocast region
     out = slots.dtype
     acc = accumulator_dtype(_validate.compute_dtype(slots, k, v, *p.values()))
     plain = n_heads == 1 and slot_mask is None
