@@ -174,22 +174,29 @@ LOWER_OPS = ("lora_linear", "lora_qkv", "lora_attention")
 
 
 def _cases():
+    """(op, device, backend, autocast dtype): on CPU the cpp and Triton-interpreter kernels (the reference for the
+    lora ops, which have no cpp kernels); on CUDA the Triton and CUDA kernels."""
     params = []
     for name, op in OPS.items():
-        for device, backend in (case.values for case in CASES):
-            if device != "cpu" or backend not in _backend.implementations(op.table):
+        implemented = _backend.implementations(op.table)
+        for case in CASES:
+            device, backend = case.values
+            wanted = ("cpp", "triton") if device == "cpu" else ("triton", "cuda")
+            if backend not in implemented or (backend not in wanted and not (backend == "reference" and (
+                    device == "cpu" and "cpp" not in implemented))):
                 continue
-            # reference: the lora ops' CPU path (they have no cpp kernels); for the others the cpp and Triton
-            # kernels are what autocast feeds, and the reference's dtypes are tested through them
-            if backend == "reference" and "cpp" in _backend.implementations(op.table):
-                continue
-            marks = next(case.marks for case in CASES if case.values == (device, backend))
             for low in (BF16, FP16) if name in LOWER_OPS else (BF16,):
                 skip = [pytest.mark.skip(reason=NO_BF16_INTERPRETER)] if (
-                    name in LOWER_OPS and backend == "triton" and low == BF16) else []
+                    name in LOWER_OPS and (device, backend, low) == ("cpu", "triton", BF16)) else []
                 dt = "bf16" if low == BF16 else "fp16"
-                params.append(pytest.param(name, backend, low, id=f"{name}-{backend}-{dt}", marks=[*marks, *skip]))
+                params.append(pytest.param(name, device, backend, low, id=f"{name}-{device}-{backend}-{dt}",
+                                           marks=[*case.marks, *skip]))
     return params
+
+
+def _on(inputs: dict, device: str) -> dict:
+    """The inputs on ``device``, leaves again."""
+    return {n: t.detach().to(device).requires_grad_(t.requires_grad) for n, t in inputs.items()}
 
 
 # gini_kl_statistics' class sums are float64 for every input dtype
@@ -207,19 +214,19 @@ def _grads(outputs, inputs: dict, names, weights):
     return torch.autograd.grad(total, [inputs[n] for n in names])
 
 
-def _run(name, backend, low, inputs):
-    with torch.autocast("cpu", dtype=low):
+def _run(name, device, backend, low, inputs):
+    with torch.autocast(device, dtype=low):
         return _tuple(OPS[name].call(inputs, backend))
 
 
-@pytest.mark.parametrize(("name", "backend", "low"), _cases())
-def test_dtype_values_and_gradients_under_autocast(name, backend, low):
+@pytest.mark.parametrize(("name", "device", "backend", "low"), _cases())
+def test_dtype_values_and_gradients_under_autocast(name, device, backend, low):
     """Outputs in the rule's dtype, equal to the float64 reference on the inputs as given: at the float32
     tolerance where the op runs in float32 (casting bf16 up is exact), at the bf16/fp16 tolerance where it runs in
     the autocast dtype. Gradients reach every input in its own dtype, against the reference's."""
     op = OPS[name]
-    inputs = op.make(low)
-    outputs = _run(name, backend, low, inputs)
+    inputs = _on(op.make(low), device)
+    outputs = _run(name, device, backend, low, inputs)
     expected = _expected(name, low)
     assert [o.dtype for o in outputs] == [expected] * len(outputs), f"{name} under {low} autocast"
     # the reference on the inputs as the rule casts them: exact for the float32 rule, rounded to the autocast
@@ -230,7 +237,7 @@ def test_dtype_values_and_gradients_under_autocast(name, backend, low):
     ref = _tuple(op.ref(wide))
     for i, (out, r) in enumerate(zip(outputs, ref)):
         assert_close(out, r, expected, f"{name} output {i}")
-    weights = [rand(*o.shape, dtype=torch.float64) for o in outputs]
+    weights = [rand(*o.shape, dtype=torch.float64, device=device) for o in outputs]
     # backward outside the region, as torch recommends: it runs in the dtypes the forward chose
     got = _grads(outputs, inputs, op.grad, weights)
     want = _grads(ref, wide, op.grad, weights)
@@ -242,12 +249,12 @@ def test_dtype_values_and_gradients_under_autocast(name, backend, low):
         assert error <= tolerance, f"{name}: gradient of {n}: relative error {error:.3g} > {tolerance:g}"
 
 
-@pytest.mark.parametrize(("name", "backend", "low"), _cases())
-def test_compiled_matches_eager_under_autocast(name, backend, low):
+@pytest.mark.parametrize(("name", "device", "backend", "low"), _cases())
+def test_compiled_matches_eager_under_autocast(name, device, backend, low):
     """torch.compile(fullgraph=True) in the same region: the same dtypes, values and gradients as eager."""
     op = OPS[name]
-    inputs = op.make(low)
-    eager = _run(name, backend, low, inputs)
+    inputs = _on(op.make(low), device)
+    eager = _run(name, device, backend, low, inputs)
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: _tuple(op.call(t, backend)), fullgraph=True, backend="aot_eager")
     # torch traces a compiled region's backward under the forward's autocast by default (backward_pass_autocast
@@ -256,12 +263,12 @@ def test_compiled_matches_eager_under_autocast(name, backend, low):
     # to_q, the GRU) would differentiate in bf16 (gradients off by about 5e-3). "off" is eager's behaviour; the
     # kdfast ops alone match eager under either setting.
     setting = "off" if name == "slot_attention" else torch._functorch.config.backward_pass_autocast
-    with torch.autocast("cpu", dtype=low), torch._functorch.config.patch(backward_pass_autocast=setting):
+    with torch.autocast(device, dtype=low), torch._functorch.config.patch(backward_pass_autocast=setting):
         got = compiled(inputs)
     assert [o.dtype for o in got] == [o.dtype for o in eager]
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e)
-    weights = [rand(*o.shape, dtype=torch.float64) for o in eager]
+    weights = [rand(*o.shape, dtype=torch.float64, device=device) for o in eager]
     for g, e in zip(_grads(got, inputs, op.grad, weights), _grads(eager, inputs, op.grad, weights)):
         assert g.dtype == e.dtype
         torch.testing.assert_close(g, e)
