@@ -5,8 +5,9 @@ Inside ``torch.autocast(device_type, dtype)`` each op follows one of two rules, 
 
 - ``FLOAT32``, torch's "ops that autocast to float32" (softmax, the losses, cosine_similarity): float16 and
   bfloat16 inputs are cast up to float32, the op computes in float32 and returns float32. The slot ops and the
-  Gini/KL reductions are softmaxes, normalised sums and logs over slots and classes: rounded to bf16's 8-bit
-  mantissa their inputs would move the loss by about 1e-2, and the softmax's eps (1e-8) would vanish.
+  Gini/KL reductions are softmaxes, norms, logs and sums over slots and classes, whose torch counterparts are on
+  that list: returned in bf16 a loss would keep under 3 significant digits, and their eps terms (1e-8, 1e-10)
+  vanish beside 1 in bf16.
 - ``LOWER``, torch's "ops that autocast to the lower precision" (linear, matmul): float32 inputs are cast to the
   autocast dtype (``torch.get_autocast_dtype``: bfloat16 or float16) and the op returns that dtype, as F.linear
   does. The LoRA GEMMs are most of a ViT's FLOPs; their kernels accumulate in float32 whatever the input dtype.
