@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from harness import CASES, TOLERANCE, assert_close, leaf, rand, relative_error
 
 from kdfast import _backend, ops, reference
 from kdfast.ops import _autocast
-from tests.harness import CASES, TOLERANCE, assert_close, leaf, rand, relative_error
 
 BF16, FP16 = torch.bfloat16, torch.float16
 # A test that would feed bfloat16 to the Triton interpreter: numpy, which runs it, has no bfloat16 (its loads
