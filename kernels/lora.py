@@ -69,6 +69,7 @@ def _gemm_kernel(
     stride_om, stride_on, stride_bias,
     alpha: tl.float64, seed, p: tl.float64, inv_keep: tl.float64, mask_cols,
     DROP: tl.constexpr, HAS_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -99,6 +100,9 @@ def _gemm_kernel(
         if DROP == 2:
             keep = _keep(seed, ks[:, None], offs_n[None, :], mask_cols, p)
             b = tl.where(keep, b.to(acc_dtype) * inv_keep, 0.0).to(a.dtype)
+        if UPCAST_DOTS:
+            a = a.to(acc_dtype)
+            b = b.to(acc_dtype)
         acc += tl.dot(a, b, input_precision="ieee", out_dtype=acc_dtype)
     acc = acc * tl.full([], alpha, acc_dtype)
     if HAS_LOW_RANK:
@@ -115,6 +119,8 @@ def _gemm_kernel(
                 r2_ptr + js[:, None] * stride_r2k + offs_n[None, :] * stride_r2n,
                 mask=mask_j[:, None] & mask_n[None, :], other=0.0,
             )
+            if UPCAST_DOTS:
+                a2 = a2.to(acc_dtype)
             low += tl.dot(a2, b2.to(a2.dtype), input_precision="ieee", out_dtype=acc_dtype)
         if DROP == 3:
             keep = _keep(seed, offs_m[:, None], offs_n[None, :], mask_cols, p)
@@ -124,6 +130,12 @@ def _gemm_kernel(
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(acc_dtype)[None, :]
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _upcasts_dots(device):
+    """The interpreter (CPU tensors) computes a dot with numpy, which has no bfloat16: there the tiles go to the
+    accumulator dtype first (on a GPU, half-precision tiles feed the tensor cores as they are)."""
+    return device.type == "cpu"
 
 
 def _gemm(left, right, out, *, alpha=1.0, low_rank=None, bias=None, dropout=None):
@@ -147,7 +159,7 @@ def _gemm(left, right, out, *, alpha=1.0, low_rank=None, bias=None, dropout=None
             out.stride(0), out.stride(1), bias.stride(0) if bias is not None else 0,
             float(alpha), seed, float(p), 1.0 / (1.0 - p), mask_cols,
             DROP=where, HAS_LOW_RANK=low_rank is not None, HAS_BIAS=bias is not None, IS_FP64=is_fp64(out.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_BLOCK_R[mode],
+            UPCAST_DOTS=_upcasts_dots(left.device), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_BLOCK_R[mode],
         )
     return out
 
@@ -209,7 +221,7 @@ def _qkv_forward_kernel(
     x_ptr, w_ptr, bias_ptr, t_ptr, bq_ptr, bk_ptr, bv_ptr, q_ptr, k_ptr, v_ptr,
     M, C, T, HEAD_DIM, rank_q, rank_k, rank_v,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bias,
-    HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, UPCAST_DOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -235,6 +247,9 @@ def _qkv_forward_kernel(
             w_ptr + ks[:, None] * stride_wk + rows_w[None, :].to(tl.int64) * stride_wn,
             mask=mask_k[:, None] & mask_c[None, :], other=0.0,
         )
+        if UPCAST_DOTS:
+            a = a.to(acc_dtype)
+            b = b.to(acc_dtype)
         acc += tl.dot(a, b, input_precision="ieee", out_dtype=acc_dtype)
     # This slice's low-rank update: its columns of t (the three slices' t side by side) times its B^T.
     rank = tl.where(s == 0, rank_q, tl.where(s == 1, rank_k, rank_v))
@@ -249,6 +264,8 @@ def _qkv_forward_kernel(
             mask=mask_m[:, None] & mask_j[None, :], other=0.0,
         )
         b2 = tl.load(b_slice + offs_c[None, :] * rank + js[:, None], mask=mask_j[:, None] & mask_c[None, :], other=0.0)
+        if UPCAST_DOTS:
+            a2 = a2.to(acc_dtype)
         acc += tl.dot(a2, b2.to(a2.dtype), input_precision="ieee", out_dtype=acc_dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_w * stride_bias, mask=mask_c, other=0.0).to(acc_dtype)[None, :]
@@ -287,7 +304,7 @@ def lora_qkv_forward(x, w_qkv, b_qkv, pairs, scale, num_heads):
             B * T, C, T, C // num_heads, *ranks,
             x2d.stride(0), x2d.stride(1), w_qkv.stride(0), w_qkv.stride(1), t.stride(0), t.stride(1),
             b_qkv.stride(0) if b_qkv is not None else 0,
-            HAS_BIAS=b_qkv is not None, IS_FP64=is_fp64(x.dtype),
+            HAS_BIAS=b_qkv is not None, IS_FP64=is_fp64(x.dtype), UPCAST_DOTS=_upcasts_dots(x.device),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_BLOCK_R[mode],
         )
     return tuple(outs)

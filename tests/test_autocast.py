@@ -20,10 +20,6 @@ from kdfast import _backend, ops, reference
 from kdfast.ops import _autocast
 
 BF16, FP16 = torch.bfloat16, torch.float16
-# A test that would feed bfloat16 to the Triton interpreter: numpy, which runs it, has no bfloat16 (its loads
-# read the bits as another type). The LoRA kernels run in the autocast dtype, so on the interpreter they are
-# tested under float16 autocast; their bfloat16 kernels are tested on CUDA.
-NO_BF16_INTERPRETER = "the Triton interpreter (numpy) has no bfloat16; float16 autocast covers this kernel on CPU"
 
 
 @dataclass
@@ -186,11 +182,9 @@ def _cases():
                     device == "cpu" and "cpp" not in implemented))):
                 continue
             for low in (BF16, FP16) if name in LOWER_OPS else (BF16,):
-                skip = [pytest.mark.skip(reason=NO_BF16_INTERPRETER)] if (
-                    name in LOWER_OPS and (device, backend, low) == ("cpu", "triton", BF16)) else []
                 dt = "bf16" if low == BF16 else "fp16"
                 params.append(pytest.param(name, device, backend, low, id=f"{name}-{device}-{backend}-{dt}",
-                                           marks=[*case.marks, *skip]))
+                                           marks=case.marks))
     return params
 
 

@@ -468,16 +468,18 @@ def test_triton_dropout_size_limit_names_the_fallback(device, backend, monkeypat
     ops.lora_linear(x, weight, b, a, bb, 1.0, 0.5, training=False, backend=backend)
 
 
-def test_autocast_mixed_dtypes_compute_in_float32():
-    """Under CPU bf16 autocast x comes from a Linear (bf16), the LoRA layer's weights are fp32: computed in fp32."""
+def test_autocast_runs_in_the_autocast_dtype():
+    """Under CPU bf16 autocast x comes from a Linear (bf16) and the LoRA layer's weights are fp32: like F.linear,
+    lora_linear runs in bf16 and returns bf16 (the lower-precision rule of kdfast/ops/_autocast.py)."""
     features = rand(3, 5, 16)
     previous = torch.nn.Linear(16, 24)
     weight, b, a, bb = rand(10, 24), rand(10), leaf(rand(4, 24)), leaf(rand(10, 4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x = previous(features)
         out = ops.lora_linear(x, weight, b, a, bb, 0.5)
-    assert x.dtype == torch.bfloat16 and out.dtype == torch.float32
-    assert_close(out, reference.lora_linear(x.double(), weight.double(), b.double(), a.double(), bb.double(), 0.5), torch.float32)
+    assert x.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    rounded = [t.detach().bfloat16().double() for t in (x, weight, b, a, bb)]
+    assert_close(out, reference.lora_linear(*rounded, 0.5), torch.bfloat16)
     out.sum().backward()
     assert previous.weight.grad is not None and torch.isfinite(previous.weight.grad).all()
     assert a.grad is not None and a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
