@@ -1,8 +1,9 @@
 """Input checks shared by every public op: each failure names the argument and what was expected.
 
-Mixed dtypes (autocast policy): inside a ``torch.autocast`` region some inputs of an op arrive in the autocast
-dtype (bf16/fp16, from a matmul) and others in float32 (from a norm or a parameter). kdfast accepts that and
-computes in the widest floating dtype among the inputs, at least float32; see ``compute_dtype``.
+Mixed dtypes: an op may get some inputs in bf16/fp16 (a matmul's output) and others in float32 (a norm's or a
+parameter). kdfast accepts that and computes in the widest floating dtype among the inputs, at least float32; see
+``compute_dtype``. Inside a ``torch.autocast`` region the op's autocast rule (kdfast/ops/_autocast.py) casts the
+inputs first.
 """
 
 from __future__ import annotations

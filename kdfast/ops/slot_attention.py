@@ -223,7 +223,8 @@ def slot_attention_core(
         slot_mask: (B, K) bool, True for the slots left out, at least one False per batch element; or None.
 
     Returns:
-        updates (B, K, Dv) and the attention masks A (B, K, N, before eps) or None, in the inputs' dtype.
+        updates (B, K, Dv) and the attention masks A (B, K, N, before eps) or None, in the inputs' dtype
+        (float32 inside torch.autocast: kdfast/ops/_autocast.py).
     """
     eps = _check_core_inputs(q, k, v, eps)
     (B, K, Dq), Dv = q.shape, v.shape[2]
@@ -502,7 +503,7 @@ def slot_attention(
 
     Returns:
         ``(slots, masks)``: (B, K, D) and the last iteration's attention (B, K, N), in the slots' dtype
-        (float16/bfloat16 slots compute in float32, as the reference does).
+        (float16/bfloat16 slots compute in float32, as the reference does; inside torch.autocast, float32).
     """
     _validate.tensor("slots", slots, "(B, K, D)")
     _validate.nonempty("slots", slots, "(B, K, D)")
