@@ -855,9 +855,10 @@ class Module:
     def __post_init__(self):
         self.backends = tuple(b for b in self.backends if b in _backend.implementations(self.table))
 
-    def make(self, data, backend, dtype=torch.float64, **options):
+    def make(self, data, backend, dtype=torch.float64, sizes=None, **options):
         g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="values"))
         s = {letter: data.draw(st.integers(*(bounds or (1, 3))), label=letter) for letter, bounds in self.sizes.items()}
+        s |= sizes or {}
         return self.build(s, g, dtype, backend, **options), self.inputs(s, g, dtype)
 
 
@@ -946,6 +947,19 @@ def _module_rejections() -> list:
                   for p in (-0.1, 1.0, math.nan)]
     cases += [("LoRAAttention", {"num_heads": h}, None, ValueError, r"num_heads must be a positive integer dividing C")
               for h in (0, 3)]
+    # Zero sizes: a zero-sized input (B, N, T, K, D, F), or a layer of width 0 (I, O, H), or no class (C).
+    zero = {"B": r"must have no zero-sized dimension", "N": r"k must have no zero-sized dimension",
+            "T": r"slots must have no zero-sized dimension", "K": r"must have no zero-sized dimension",
+            "D": r"must have no zero-sized dimension", "F": r"activations must have no zero-sized dimension",
+            "I": r"(x|weight) must have no zero-sized dimension", "O": r"must have no zero-sized dimension",
+            "H": r"must have no zero-sized dimension|num_heads must be a positive integer",
+            "C": r"num_classes must be an integer >= 1", "R": r"r \(the LoRA rank\) must be a positive integer"}
+    zero_in = {("LoRAAttention", "T"): r"x must have no zero-sized dimension \(B, T, C\)",
+               ("SlotAttention", "I"): r"inp_dim must be a positive integer",
+               ("SlotAttention", "D"): r"slot_dim must be a positive integer"}
+    for name, spec in MODULES.items():
+        cases += [(name, {"sizes": {letter: 0}}, None, ValueError, zero_in.get((name, letter), zero[letter]))
+                  for letter in spec.sizes]
     for name, spec in MODULES.items():  # forward inputs: a wrong rank, an integer tensor, the meta device
         first = next(iter(spec.tensors))
         label = re.escape(spec.tensors[first])
@@ -960,8 +974,19 @@ def _module_rejections() -> list:
     return cases
 
 
-MODULE_REJECTIONS = [pytest.param(*case, backend, id=f"{case[0]}-{backend}-{i}")
-                     for i, case in enumerate(_module_rejections()) for backend in MODULES[case[0]].backends]
+# kdfast.nn.SlotAttention checks none of its widths: slot_dim 0 fails on 0 ** -0.5 (ZeroDivisionError), inp_dim 0
+# runs on (reference, triton) or fails on q (cpp). The fix: in SlotAttention.__init__, before any layer,
+#     for name, value in (("inp_dim", inp_dim), ("slot_dim", slot_dim), ("kvq_dim", kvq_dim), ("hidden_dim", hidden_dim)):
+#         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+#             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+# (after kvq_dim and hidden_dim take their defaults).
+UNCHECKED_WIDTHS = pytest.mark.xfail(strict=True, reason="kdfast.nn.SlotAttention does not check its widths")
+MODULE_REJECTIONS = [
+    pytest.param(*case, backend, id=f"{case[0]}-{backend}-{i}",
+                 marks=[UNCHECKED_WIDTHS] if case[0] == "SlotAttention" and case[1].get("sizes", {}).keys() & {"I", "D"}
+                 else [])
+    for i, case in enumerate(_module_rejections()) for backend in MODULES[case[0]].backends
+]
 
 
 @pytest.mark.parametrize(("name", "options", "mutate", "exception", "pattern", "backend"), MODULE_REJECTIONS)

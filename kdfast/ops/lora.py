@@ -146,7 +146,8 @@ def lora_linear(
             CUDA, reference on CPU). The triton backend's dropout takes x of at most 2**31 - 1 elements.
 
     Returns:
-        (..., O) in the inputs' dtype (mixed dtypes are promoted, at least float32).
+        (..., O) in the inputs' dtype (mixed dtypes are promoted, at least float32); inside torch.autocast, the
+        region's dtype (kdfast/ops/_autocast.py).
     """
     _check_linear(x, weight, bias, lora_a, lora_b)
     scale = _validate.finite("scale", scale)
@@ -179,8 +180,10 @@ def _check_linear(x, weight, bias, lora_a, lora_b, prefix: str = "") -> None:
         _validate.tensor(f"{prefix}bias", bias, "(out_features,)")
         named["bias"] = bias
     _validate.same_device(**{prefix + name: t for name, t in named.items()})
+    layouts = {"x": "(..., in_features)", "weight": "(out_features, in_features)", "lora_a": "(r, in_features)",
+               "lora_b": "(out_features, r)", "bias": "(out_features,)"}
     for name, t in named.items():
-        _validate.nonempty(prefix + name, t, "with no zero-sized dimension")
+        _validate.nonempty(prefix + name, t, layouts[name])
     in_sizes = {"x": x.shape[-1], "weight": weight.shape[1]}
     out_sizes = {"weight": weight.shape[0]} | ({} if bias is None else {"bias": bias.shape[0]})
     if lora_a is not None:
@@ -357,6 +360,9 @@ def lora_attention(
     if lora_proj is not None and (not isinstance(lora_proj, (tuple, list)) or len(lora_proj) != 2):
         raise TypeError(f"lora_proj must be a pair (A (r, C), B (C, r)) or None, got {type(lora_proj).__name__}")
     a_proj, b_proj_lora = (None, None) if lora_proj is None else lora_proj
+    # x first under its own name: the proj checks below take it as a stand-in for the attention's output
+    _validate.tensor("x", x, "(B, T, C)")
+    _validate.nonempty("x", x, "(B, T, C)")
     _check_linear(x, w_proj, b_proj, a_proj, b_proj_lora, prefix="proj ")
     q, k, v = lora_qkv(x, w_qkv, b_qkv, lora_q, lora_k, lora_v, scale, num_heads, backend=backend)
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
