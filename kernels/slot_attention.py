@@ -206,20 +206,26 @@ def _slot_attention_core_bwd_reduce_kernel(
 
 # Largest padded K x max(D, Dv) tile: the kernels hold several of them (q, the gradients, dq) whole; above it
 # the backward asks for more shared memory than an H100/H200 block has (compiled for sm_90: 64 x 256 needs
-# 276 KB at 16-token tiles, 32 x 256 needs 174 KB).
+# 276 KB at 16-token tiles, 32 x 256 needs 174 KB). float64 tiles take twice the bytes: half as many elements
+# (float64 at 64 x 128 and 32 x 256 asked for 295 KB and 369 KB; tests/test_gpu_compile.py).
 MAX_SLOT_TILE = 8192
 
 
-def within_limits(K: int, D: int, Dv: int) -> bool:
-    return K <= MAX_SLOTS and max(D, Dv) <= MAX_DIM and block_size(K) * block_size(max(D, Dv)) <= MAX_SLOT_TILE
+def slot_tile_limit(fp64: bool = False) -> int:
+    return MAX_SLOT_TILE // 2 if fp64 else MAX_SLOT_TILE
 
 
-def check_limits(K: int, D: int, Dv: int) -> None:
-    if not within_limits(K, D, Dv):
+def within_limits(K: int, D: int, Dv: int, fp64: bool = False) -> bool:
+    return (K <= MAX_SLOTS and max(D, Dv) <= MAX_DIM
+            and block_size(K) * block_size(max(D, Dv)) <= slot_tile_limit(fp64))
+
+
+def check_limits(K: int, D: int, Dv: int, fp64: bool = False) -> None:
+    if not within_limits(K, D, Dv, fp64):
         raise ValueError(
             f"kdfast.kernels.slot_attention handles K <= {MAX_SLOTS} slots and D, Dv <= {MAX_DIM} with K x max(D, Dv) "
-            f"<= {MAX_SLOT_TILE} (each padded to a power of two), got K={K}, D={D}, Dv={Dv}; fall back to another "
-            "backend above them"
+            f"<= {slot_tile_limit(fp64)} in {'float64' if fp64 else 'float32'} (each padded to a power of two), got "
+            f"K={K}, D={D}, Dv={Dv}; fall back to another backend above them"
         )
 
 
@@ -261,7 +267,7 @@ def slot_attention_core_forward(q, k, v, scale: float, eps: float, return_attn: 
     """
     B, K, D = q.shape
     N, Dv = k.shape[1], v.shape[2]
-    check_limits(K, D, Dv)
+    check_limits(K, D, Dv, is_fp64(q.dtype))
     acc = accumulator_dtype(q.dtype)
     block_k, block_n, block_d, block_dv, chunk, chunks, tiles, num_warps = _geometry(
         B, K, N, D, Dv, q.dtype, q.device, block_n, chunk)
@@ -294,7 +300,7 @@ def slot_attention_core_backward(grad_updates, grad_attn, q, k, v, updates, norm
     """(dq, dk, dv) in the dtypes of q, k, v. grad_attn (B, K, N) or None; updates and norm from the forward."""
     B, K, D = q.shape
     N, Dv = k.shape[1], v.shape[2]
-    check_limits(K, D, Dv)
+    check_limits(K, D, Dv, is_fp64(q.dtype))
     acc = accumulator_dtype(q.dtype)
     block_k, block_n, block_d, block_dv, chunk, chunks, tiles, num_warps = _geometry(
         B, K, N, D, Dv, q.dtype, q.device, block_n, chunk)

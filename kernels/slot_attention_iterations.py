@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._launch import block_size, device_guard, empty_output, is_fp64
-from .slot_attention import MAX_DIM, MAX_SLOT_TILE, MAX_SLOTS, _softmax_over_slots, within_limits
+from .slot_attention import MAX_DIM, MAX_SLOTS, _softmax_over_slots, slot_tile_limit, within_limits
 
 # Spill stores per thread allowed on sm_90 (as in slot_attention.py), measured with Triton 3.9: forward 152 B at
 # movi-e, 1.8 KB at K=32, D=256; backward 36 B at movi-c, 328 B at movi-e, 12.6 KB at K=64, D=128, 1.9 KB at K=32,
@@ -464,11 +464,12 @@ def _slot_attention_bwd_kernel(
 
 # ------------------------------------------------------------------------------------------ launchers
 
-def check_limits(K: int, D: int, Dq: int, Dv: int) -> None:
-    if not within_limits(K, max(D, Dq), Dv):
+def check_limits(K: int, D: int, Dq: int, Dv: int, fp64: bool = False) -> None:
+    if not within_limits(K, max(D, Dq), Dv, fp64):
         raise ValueError(
             f"kdfast.kernels.slot_attention_iterations handles the core's limits (K <= {MAX_SLOTS}, widths <= "
-            f"{MAX_DIM}, K x width <= {MAX_SLOT_TILE}) for every width, got K={K}, D={D}, Dq={Dq}, Dv={Dv}"
+            f"{MAX_DIM}, K x width <= {slot_tile_limit(fp64)} in {'float64' if fp64 else 'float32'}) for every "
+            f"width, got K={K}, D={D}, Dq={Dq}, Dv={Dv}"
         )
 
 
@@ -506,7 +507,7 @@ def slot_attention_forward(slots, k, v, params, n_iters: int, scale: float, eps:
     (B, K, _), N = slots.shape, k.shape[1]
     p = dict(zip(PARAMETERS, params))
     D, Dq, Dv, Dh, gru, mlp = _widths(k, v, params)
-    check_limits(K, D, Dq, Dv)
+    check_limits(K, D, Dq, Dv, is_fp64(slots.dtype))
     C = act_layout(k, v, params)["C"][0]
     dtype, device = slots.dtype, slots.device
     out = empty_output((B, K, D), dtype, device)

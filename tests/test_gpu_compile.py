@@ -271,8 +271,9 @@ def _cases():
                       lambda d=dtype: slot_match_calls(4, sm.MAX_ASSIGNMENT_SLOTS, 64, d)))
         cases.append(("slot_contrastive_loss", f"limit-D{sc.MAX_DIM}-{tag}",
                       lambda d=dtype: slot_contrastive_calls(64, 4, 15, sc.MAX_DIM, d)))
-        # K x D at MAX_SLOT_TILE both ways, and the widest D
-        for K, D in ((sa.MAX_SLOTS, sa.MAX_SLOT_TILE // sa.MAX_SLOTS), (sa.MAX_SLOT_TILE // sa.MAX_DIM, sa.MAX_DIM)):
+        # K x D at the slot tile limit (half as many elements in float64) both ways, and the widest D
+        tile = sa.slot_tile_limit(dtype == torch.float64)
+        for K, D in ((sa.MAX_SLOTS, tile // sa.MAX_SLOTS), (tile // sa.MAX_DIM, sa.MAX_DIM)):
             cases.append(("slot_attention", f"limit-K{K}-D{D}-{tag}",
                           lambda K=K, D=D, d=dtype: slot_attention_core_calls(8, K, 1369, D, d)))
             cases.append(("slot_attention_iterations", f"limit-K{K}-D{D}-{tag}",

@@ -40,14 +40,15 @@ def _kernels():
     return importlib.import_module("kdfast.kernels.slot_attention")
 
 
-def _triton_core_limit(K: int, D: int, Dv: int) -> str | None:
+def _triton_core_limit(K: int, D: int, Dv: int, fp64: bool = False) -> str | None:
     """Triton holds at most ``MAX_SLOTS`` slots and ``MAX_DIM`` features per program, and a (K, D) tile of at
-    most ``MAX_SLOT_TILE`` elements."""
+    most ``slot_tile_limit(fp64)`` elements (half as many in float64)."""
     kernels = _kernels()
-    if kernels.within_limits(K, D, Dv):
+    if kernels.within_limits(K, D, Dv, fp64):
         return None
     return (f"the triton backend handles K <= {kernels.MAX_SLOTS} slots and D, Dv <= {kernels.MAX_DIM} with "
-            f"K x max(D, Dv) <= {kernels.MAX_SLOT_TILE} (each padded to a power of two), got K={K}, D={D}, Dv={Dv}")
+            f"K x max(D, Dv) <= {kernels.slot_tile_limit(fp64)} in {'float64' if fp64 else 'float32'} (each padded "
+            f"to a power of two), got K={K}, D={D}, Dv={Dv}")
 
 
 def _no_attn(q: Tensor, k: Tensor) -> Tensor:
@@ -234,7 +235,7 @@ def slot_attention_core(
         raise TypeError(f"return_attn must be a bool, got {type(return_attn).__name__}")
     dtype = _validate.compute_dtype(q, k, v)
     masked = slot_mask is not None
-    sizes = (*_heads_and_mask.virtual_sizes(K, Dq, n_heads, masked), Dv)
+    sizes = (*_heads_and_mask.virtual_sizes(K, Dq, n_heads, masked), Dv, dtype == torch.float64)
     chosen = _backend.resolve("slot_attention_core", backend, q.device.type, sizes)
     q, k, v = _validate.cast(dtype, q, k, v)
     if n_heads == 1 and not masked:
@@ -429,9 +430,9 @@ _FusedIterations = wire_autograd(
 
 
 @torch.compiler.assume_constant_result
-def _fits_fused(K: int, D: int, Dq: int, Dv: int) -> bool:
+def _fits_fused(K: int, D: int, Dq: int, Dv: int, fp64: bool) -> bool:
     """Within the fused kernels' limits: the core's, for the slot width D too."""
-    return _kernels().within_limits(K, max(D, Dq), Dv)
+    return _kernels().within_limits(K, max(D, Dq), Dv, fp64)
 
 
 def _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only):
@@ -448,13 +449,13 @@ def _fused_iterations(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_onl
 
 
 # Backends that can run every iteration in one call instead of the Python loop over the core, each with when it
-# applies: (fused, K, D, Dq, Dv) -> bool. The call takes (slots, k, v, params, n_iters, scale, eps, gru_hidden,
-# grad_last_only) and returns (slots, last masks).
+# applies: (fused, K, D, Dq, Dv, float64) -> bool. The call takes (slots, k, v, params, n_iters, scale, eps,
+# gru_hidden, grad_last_only) and returns (slots, last masks).
 WHOLE_LOOPS = {
     # one persistent kernel per batch element each way, where the core's Triton limits hold for the slot width too
-    "triton": (lambda fused, K, D, Dq, Dv: fused and _fits_fused(K, D, Dq, Dv), _fused_iterations),
+    "triton": (lambda fused, K, D, Dq, Dv, fp64: fused and _fits_fused(K, D, Dq, Dv, fp64), _fused_iterations),
     # one call into C++ in eager mode; torch.compile traces the loop, which it can fuse
-    "cpp": (lambda fused, K, D, Dq, Dv: not torch.compiler.is_compiling(), _cpp_iterations),
+    "cpp": (lambda fused, K, D, Dq, Dv, fp64: not torch.compiler.is_compiling(), _cpp_iterations),
 }
 
 
@@ -528,13 +529,13 @@ def slot_attention(
     out = slots.dtype
     acc = accumulator_dtype(_validate.compute_dtype(slots, k, v, *p.values()))
     plain = n_heads == 1 and slot_mask is None
-    sizes = (*_heads_and_mask.virtual_sizes(K, Dq, n_heads, slot_mask is not None), Dv)
+    sizes = (*_heads_and_mask.virtual_sizes(K, Dq, n_heads, slot_mask is not None), Dv, acc == torch.float64)
     chosen = _backend.resolve("slot_attention_core", backend, slots.device.type, sizes)
     s, k, v = _validate.cast(acc, slots, k, v)
     p = {key: value if value.dtype == acc else value.to(acc) for key, value in p.items()}
     applies, whole_loop = WHOLE_LOOPS.get(chosen, (None, None))
     with torch.autocast(slots.device.type, enabled=False):
-        if plain and whole_loop is not None and applies(fused, K, D, Dq, Dv):
+        if plain and whole_loop is not None and applies(fused, K, D, Dq, Dv, acc == torch.float64):
             s, attn = whole_loop(s, k, v, p, n_iters, scale, eps, gru_hidden, grad_last_only)
             return s.to(out), attn.to(out)
         # the Python loop over the chosen core: the reference's, with torch's fused GRUCell
