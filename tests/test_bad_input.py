@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from conftest import SEED
-from harness import assert_close
+from harness import TOLERANCE, assert_close, relative_error
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
@@ -721,13 +721,31 @@ def test_zero_vectors_in_cosine_ops_give_the_reference_result(worker, name, back
 @battery()
 @given(data=st.data())
 def test_float16_on_the_cpu_gives_the_reference_result(worker, name, backend, data):
-    """float16 inputs on CPU tensors, within float16's tolerance of the float64 reference."""
+    """float16 inputs on CPU tensors: outputs and gradients near the float64 reference (tolerance below)."""
     op = OPS[name]
     skip_unavailable(op.table, backend)
     if name == "gini_kl_from_statistics":
         pytest.skip("class_sums are float32 or float64 (test_bad_input_raises_a_clear_error: class_sums-float16)")
-    kwargs = with_grads(op, draw_kwargs(data, op, dtype=torch.float16))
-    _check_against_reference(worker, op, kwargs, backend, torch.float16, f"{name} on {backend}, float16")
+    kwargs = call_kwargs(op, with_grads(op, draw_kwargs(data, op, dtype=torch.float16)), backend)
+    what = f"{name} on {backend}, float16"
+    result = worker.run(op.name, kwargs, what)
+    assert "raised" not in result, f"{what}: raised {result['raised'].__name__}: {result['message']}"
+    # The yardstick is plain PyTorch in float16 (the reference backend on the same float16 inputs): each of its
+    # roundings (u = 4.9e-4) is amplified by the op's conditioning (softmax and normalisation backward cancel),
+    # which reached 2.9e-2 on lora_attention's weight gradient (seed 80152406). A backend may be at most 4 times
+    # less accurate than that, and is held to float16's 1e-2 where the yardstick is better.
+    plain = execute(op.name, kwargs | ({"backend": "reference"} if backend else {}))
+    exact = execute(op.name, _float64(kwargs) | ({"backend": "reference"} if backend else {}))
+    pairs = [*zip(result["outputs"], plain["outputs"], exact["outputs"]),
+             *zip(result["grads"], plain["grads"], exact["grads"])]
+    for i, (out, baseline, ref) in enumerate(pairs):
+        if not ref.is_floating_point():
+            assert torch.equal(out, ref), f"{what}: tensor {i}"
+            continue
+        floor = relative_error(baseline, ref)
+        tolerance = max(TOLERANCE[torch.float16], 4 * floor if math.isfinite(floor) else 0.0)
+        error = relative_error(out, ref)
+        assert error <= tolerance, f"{what}: tensor {i}: relative error {error:.3g} > {tolerance:.3g}"
 
 
 MIXED_OPS = [pytest.param(name, backend, id=f"{name}-{backend}")
