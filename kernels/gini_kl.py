@@ -148,8 +148,8 @@ def _class_sums_bwd_kernel(
             grad_positions = offs_hw * stride_dw
         mask = mask_rows & (offs_hw < HW)[None, None, :]
         x = tl.load(a_rows + positions[None, None, :], mask=mask, other=0.0)
-        # torch.sign: 0 at 0, NaN at NaN
-        sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x))
+        # torch.sign (and autograd of abs): 0 at 0 and at NaN
+        sign = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
         tl.store(grad_rows + grad_positions[None, None, :], (sign * g).to(grad_a_ptr.dtype.element_ty), mask=mask)
 
 

@@ -662,13 +662,8 @@ def test_sizes_of_one_give_the_reference_result(worker, name, backend, data):
 NONFINITE_DIFFERS = {"slot_assignment"}
 
 
-SIGN_OF_NAN = pytest.mark.xfail(strict=True, reason=(
-    "the cpp and Triton backward of gini_kl_statistics write NaN at a NaN activation where torch.sign, autograd of "
-    "abs and the reference give 0 (csrc/cpu/gini_kl.cpp sign_of and kernels/gini_kl.py: the sign's last branch "
-    "returns x, which is NaN, instead of 0)"))
 NONFINITE_CASES = [
-    pytest.param(name, backend, value, id=f"{name}-{backend}-{label}",
-                 marks=[SIGN_OF_NAN] if name == "gini_kl_statistics" and backend != "reference" and label == "nan" else [])
+    pytest.param(name, backend, value, id=f"{name}-{backend}-{label}")
     for name, op in OPS.items() for backend in op.backends
     for value, label in ((math.nan, "nan"), (math.inf, "inf"), (-math.inf, "-inf"))
 ]
@@ -996,17 +991,8 @@ def _module_rejections() -> list:
     return cases
 
 
-# kdfast.nn.SlotAttention checks none of its widths: slot_dim 0 fails on 0 ** -0.5 (ZeroDivisionError), inp_dim 0
-# runs on (reference, triton) or fails on q (cpp). The fix: in SlotAttention.__init__, before any layer,
-#     for name, value in (("inp_dim", inp_dim), ("slot_dim", slot_dim), ("kvq_dim", kvq_dim), ("hidden_dim", hidden_dim)):
-#         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-#             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-# (after kvq_dim and hidden_dim take their defaults).
-UNCHECKED_WIDTHS = pytest.mark.xfail(strict=True, reason="kdfast.nn.SlotAttention does not check its widths")
 MODULE_REJECTIONS = [
-    pytest.param(*case, backend, id=f"{case[0]}-{backend}-{i}",
-                 marks=[UNCHECKED_WIDTHS] if case[0] == "SlotAttention" and case[1].get("sizes", {}).keys() & {"I", "D"}
-                 else [])
+    pytest.param(*case, backend, id=f"{case[0]}-{backend}-{i}")
     for i, case in enumerate(_module_rejections()) for backend in MODULES[case[0]].backends
 ]
 

@@ -101,8 +101,8 @@ KDFAST_INLINE Vec8d transposed_sums(const Vec8d* v) {
 
 template <typename T>
 KDFAST_INLINE T sign_of(T x) {
-  // torch.sign: 0 at 0, NaN at NaN
-  return x > T(0) ? T(1) : (x < T(0) ? T(-1) : x);
+  // torch.sign (and autograd of abs): 0 at 0 and at NaN
+  return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
 }
 
 // out[j] += mean over positions of |a[b, f0 + j, :, :]| for each sample b of members[0 : count], in that order,

@@ -81,6 +81,10 @@ class SlotAttention(nn.Module):
             raise ValueError(f"n_iters must be an integer >= 1, got {n_iters!r}")
         kvq_dim = slot_dim if kvq_dim is None else kvq_dim
         hidden_dim = 4 * slot_dim if hidden_dim is None else hidden_dim
+        for name, value in (("inp_dim", inp_dim), ("slot_dim", slot_dim), ("kvq_dim", kvq_dim),
+                            ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not use_gru and kvq_dim != slot_dim:
             raise ValueError(f"use_gru=False adds the updates to the slots: kvq_dim ({kvq_dim}) must equal slot_dim ({slot_dim})")
         if gru_hidden not in ("normed", "prev"):
