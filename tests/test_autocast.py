@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from harness import CASES, TOLERANCE, assert_close, leaf, rand, relative_error
+from harness import CASES, TOLERANCE, leaf, rand, relative_error
 
 from kdfast import _backend, ops, reference
 from kdfast.ops import _autocast
@@ -33,6 +33,7 @@ class Op:
     ref: Callable[[dict], tuple]
     grad: tuple[str, ...]
     grad_tolerance: dict | None = None  # autocast dtype -> tolerance, where the design's is not attainable
+    tolerance: dict | None = None  # the same for the outputs
 
 
 def _tuple(x):
@@ -164,6 +165,11 @@ OPS = {
         # 0.5%; torch's autocast of reference.lora_attention on the same inputs: max 2.1%, median 0.65%. The
         # kernels' own gradients are held to 1e-2 in the lora_qkv and lora_linear cases.
         grad_tolerance={torch.bfloat16: 3e-2},
+        # Its output chains three bf16 roundings (q, k, v; the attention output; the projection), and the Triton
+        # path rounds each LoRA intermediate x A^T to bf16 once more before its product. Measured over 60 seeds at
+        # these sizes, relative error of the output: Triton interpreter max 1.16%, median 0.85%; reference backend
+        # max 0.61%; torch's autocast of reference.lora_attention max 0.94%. The single ops are held to 1e-2.
+        tolerance={torch.bfloat16: 2e-2},
     ),
 }
 LOWER_OPS = ("lora_linear", "lora_qkv", "lora_attention")
@@ -230,7 +236,9 @@ def test_dtype_values_and_gradients_under_autocast(name, device, backend, low):
             for n, t in inputs.items()}
     ref = _tuple(op.ref(wide))
     for i, (out, r) in enumerate(zip(outputs, ref)):
-        assert_close(out, r, expected, f"{name} output {i}")
+        tolerance = max(TOLERANCE[expected], (op.tolerance or {}).get(low, 0.0))
+        error = relative_error(out, r)
+        assert error <= tolerance, f"{name} output {i}: relative error {error:.3g} > {tolerance:g}"
     weights = [rand(*o.shape, dtype=torch.float64, device=device) for o in outputs]
     # backward outside the region, as torch recommends: it runs in the dtypes the forward chose
     got = _grads(outputs, inputs, op.grad, weights)

@@ -59,7 +59,8 @@ class GiniKLLoss(nn.Module):
 
     Shapes: activations (B, F, H, W) or (B, F), or a non-empty list of such tensors (one per layer; same B, any
     F, H, W each); labels (B,) integer class ids or (B, C) soft labels (floating, non-negative, each row summing
-    to 1) -> a scalar in the activations' dtype (the widest among the layers).
+    to 1) -> a scalar in the activations' dtype (the widest among the layers; at least float32 inside
+    torch.autocast, as torch's losses).
 
     Integer labels with a ``batch`` or ``uniform`` target run kdfast.ops.gini_kl (one fused op per layer). Soft
     labels and a target tensor finish the loss from the per-class statistics in plain PyTorch, in float64:
@@ -119,6 +120,8 @@ class GiniKLLoss(nn.Module):
         dtype = layers[0].dtype
         for layer in layers[1:]:
             dtype = torch.promote_types(dtype, layer.dtype)
+        if torch.is_autocast_enabled(layers[0].device.type):  # a loss under autocast is float32, as ops.gini_kl's
+            dtype = torch.promote_types(dtype, torch.float32)
         if len(terms) == 1:
             (gini, kl), = terms
         else:  # each term averaged over the layers, as the paper's code does
@@ -165,7 +168,7 @@ class GiniKLLoss(nn.Module):
         counts = counts.clone()
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.process_group)
         gini, kl = gini_kl_from_statistics(class_sums, counts, self.target, self.delta, backend=self.backend)
-        return gini.to(activations.dtype), kl.to(activations.dtype)
+        return gini, kl
 
     def extra_repr(self) -> str:
         target = f"tensor of {self.num_classes}" if self.target == "tensor" else repr(self.target)
