@@ -180,7 +180,8 @@ def _bad_files(root: Path) -> dict[str, Path]:
         files[suffix] = root / f"garbled{suffix}"
         files[suffix].write_bytes(b"\x93NUMPY\x01\x00garbled" * 10)
     (root / "folder" / "cat").mkdir(parents=True)
-    (root / "folder" / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for name in ("0.png", "1.png"):  # two: a folder of one image is refused before any is decoded
+        (root / "folder" / "cat" / name).write_bytes(b"\x89PNG\r\n\x1a\n not really")
     files["png"] = root / "folder"
     images = np.random.default_rng(0).random((8, 16, 16, 3), dtype=np.float32)
     images[5, 2, 3, 1] = np.nan
