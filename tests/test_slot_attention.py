@@ -63,7 +63,27 @@ def test_core_matches_reference(device, backend, shape, dtype):
     want = grads_of((ref_updates, ref_attn), (q64, k64, v64), grad_out)
     for name, g, w in zip("qkv", got, want):
         assert g.dtype == dtype and g.shape == w.shape
-        assert_close(g, w, dtype, f"{dtype} grad of {name}")
+        if N > 1 or name == "v" or dtype == torch.float64:
+            assert_close(g, w, dtype, f"{dtype} grad of {name}")
+            continue
+        # At N = 1 every slot's update is the one value row whatever q and k are: the gradient through the updates
+        # is exactly 0, and a float backend returns the rounding of dW_i = (<G_i, v> - <G_i, U_i>) / Z_i, at most
+        # e_i = (Dv + 2) u |G_i| (|v| + |U_i|) / Z_i, which reaches q and k as s A_i (dW_i - sum_j A_j dW_j) times k
+        # or q: within s A_i 2 max(e) |k| for dq_i and s sum_i A_i 2 max(e) |q_i| for dk. Beside the masks' own
+        # gradient that noise can pass the 1e-5 relative bar (1.05e-5 on k, seed 369409672, reference backend).
+        unit = torch.finfo(dtype).eps / 2
+        G, U64 = grad_out[0].double(), ref_updates.detach()
+        e = (Dv + 2) * unit * G.norm(dim=-1) * (v64.detach().norm(dim=-1) + U64.norm(dim=-1))  # (B, K); Z_i = 1 + eps
+        e_max = e.max(dim=1, keepdim=True).values  # (B, 1)
+        A = ref_attn.detach()[..., 0]  # (B, K)
+        if name == "q":
+            bound = scale * A * 2 * e_max * k64.detach()[:, 0].norm(dim=-1, keepdim=True)  # (B, K)
+            allowance = bound.norm().item()
+        else:
+            allowance = (scale * (A * 2 * e_max * q64.detach().norm(dim=-1)).sum(1)).norm().item()
+        error = (g.double() - w).norm().item()
+        assert error <= TOLERANCE[dtype] * w.norm().item() + allowance, (
+            f"{dtype} grad of {name}: error {error:.3g} above {TOLERANCE[dtype]:g} relative + {allowance:.3g} rounding")
 
 
 @pytest.mark.parametrize(("device", "backend"), CASES)
