@@ -42,6 +42,8 @@ def same_size(what: str, **sizes: int) -> None:
 
 def same_device(**tensors: torch.Tensor) -> torch.device:
     devices = {t.device for t in tensors.values()}
+    if len(devices) == 1 and (device := next(iter(devices))).type != "meta":
+        return device  # the common case, without formatting the message (every eager call comes here)
     listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device: {listed}")
