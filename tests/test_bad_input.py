@@ -657,6 +657,15 @@ def test_sizes_of_one_give_the_reference_result(worker, name, backend, data):
     _check_against_reference(worker, op, kwargs, backend, torch.float64, f"{name} on {backend}, sizes {smallest}")
 
 
+def _edit_input(kwargs: dict, keyword: str, edit) -> None:
+    """Replaces ``kwargs[keyword]`` by a copy that ``edit`` (tensor -> None) changes in place, keeping its
+    requires_grad: the input the op sees differs from the drawn one only by the edit."""
+    original = kwargs[keyword]
+    changed = original.detach().clone()
+    edit(changed)
+    kwargs[keyword] = changed.requires_grad_(original.requires_grad)
+
+
 # Where a non-finite input is documented to give something other than the reference's NaN: scipy (the reference)
 # rejects a non-finite similarity matrix with a ValueError, which test_slot_assignment checks.
 NONFINITE_DIFFERS = {"slot_assignment"}
@@ -682,9 +691,8 @@ def test_nonfinite_inputs_give_the_reference_result(worker, name, backend, value
     fixed = {"T": 2} if name == "slot_contrastive_loss" else None
     kwargs = with_grads(op, draw_kwargs(data, op, fixed=fixed))
     keyword = data.draw(st.sampled_from([k for k in op.tensors if isinstance(kwargs.get(k), torch.Tensor)]))
-    t = kwargs[keyword].detach().clone()
-    t.view(-1)[data.draw(st.integers(0, t.numel() - 1), label="position")] = value
-    kwargs[keyword] = t.requires_grad_(kwargs[keyword].requires_grad)
+    position = data.draw(st.integers(0, kwargs[keyword].numel() - 1), label="position")
+    _edit_input(kwargs, keyword, lambda t: t.view(-1).__setitem__(position, value))
     _check_against_reference(worker, op, kwargs, backend, torch.float64, f"{name} on {backend}, {value} in {keyword}")
 
 
@@ -702,13 +710,9 @@ def test_zero_vectors_in_cosine_ops_give_the_reference_result(worker, name, back
     skip_unavailable(op.table, backend)
     kwargs = with_grads(op, draw_kwargs(data, op))
     keyword = data.draw(st.sampled_from(list(op.tensors)), label="input")
-    t = kwargs[keyword].detach().clone()
-    rows = t.view(-1, t.shape[-1])
-    if data.draw(st.booleans(), label="all zero"):
-        rows.zero_()
-    else:
-        rows[data.draw(st.integers(0, rows.shape[0] - 1), label="row")] = 0
-    kwargs[keyword] = t.requires_grad_(kwargs[keyword].requires_grad)
+    count = kwargs[keyword].numel() // kwargs[keyword].shape[-1]
+    row = None if data.draw(st.booleans(), label="all zero") else data.draw(st.integers(0, count - 1), label="row")
+    _edit_input(kwargs, keyword, lambda t: t.view(count, -1).__setitem__(slice(None) if row is None else row, 0))
     _check_against_reference(worker, op, kwargs, backend, torch.float64, f"{name} on {backend}, zeros in {keyword}")
 
 
