@@ -347,28 +347,109 @@ def assert_matches_reference(result: dict, target, kwargs: dict, dtype: torch.dt
     expected = execute(reference_target, reference_kwargs)
     assert "raised" not in expected, f"reference raised {expected['raised'].__name__}: {expected['message']}"
     assert len(result["outputs"]) == len(expected["outputs"]), what
+    floors = gini_kl_rounding_floors(reference_target, reference_kwargs)
     for i, (out, ref) in enumerate(zip(result["outputs"], expected["outputs"])):
         if not ref.is_floating_point():
             assert torch.equal(out, ref), f"{what}: output {i} {out} != reference {ref}"
             continue
-        assert_close_nonfinite(out, ref, dtype, f"{what}: output {i}")
+        assert_close_nonfinite(out, ref, dtype, f"{what}: output {i}", floors["outputs"].get(i))
     assert len(result["grads"]) == len(expected["grads"]), f"{what}: gradients"
     for i, (grad, ref) in enumerate(zip(result["grads"], expected["grads"])):
         if ref is None or grad is None:
             assert grad is None and ref is None, f"{what}: gradient {i} is {grad} where the reference has {ref}"
             continue
-        assert_close_nonfinite(grad, ref, dtype, f"{what}: gradient {i}")
+        assert_close_nonfinite(grad, ref, dtype, f"{what}: gradient {i}", floors["grads"].get(i))
 
 
-def assert_close_nonfinite(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_close_nonfinite(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str,
+                           floor: torch.Tensor | None = None) -> None:
     """harness.assert_close, where infinities must also match the reference's exactly (assert_close takes any
-    infinity for an error), and the finite elements are compared as usual."""
+    infinity for an error), and the finite elements are compared as usual.
+
+    ``floor`` (like ``ref``, finite): the size of the terms whose cancellation ``ref`` is, when that is known
+    (:func:`gini_kl_rounding_floors`, in float64 eps); the error may then also reach that rounding, on top of
+    the dtype's relative tolerance."""
     out, ref = out.detach().double(), ref.detach().double()
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     infinite = ref.isinf()
     assert torch.equal(out.isinf(), infinite) and torch.equal(out[infinite], ref[infinite]), (
         f"{what}: infinities {out[out.isinf()].tolist()} where the reference has {ref[infinite].tolist()}")
-    assert_close(out.masked_fill(infinite, 0.0), ref.masked_fill(infinite, 0.0), dtype, what)
+    out, ref = out.masked_fill(infinite, 0.0), ref.masked_fill(infinite, 0.0)
+    if floor is not None and torch.isfinite(out).all() and torch.isfinite(ref).all():
+        error = (out - ref).norm().item()
+        # out and the reference each carry up to ``floor`` roundings (float64 at every step, whatever the dtype).
+        rounding = 2 * torch.finfo(torch.float64).eps * floor.norm().item()
+        allowed = TOLERANCE[dtype] * ref.norm().item() + rounding
+        assert error <= allowed, (f"{what}: error {error:.3g} above {TOLERANCE[dtype]:g} relative "
+                                  f"+ {rounding:.3g} rounding of the cancelling terms")
+        return
+    assert_close(out, ref, dtype, what)
+
+
+def gini_kl_rounding_floors(target, kwargs: dict) -> dict[str, dict[int, torch.Tensor]]:
+    r"""{"outputs" | "grads": {index: floor}} for the gini_kl family, empty dicts for every other target: a bound on
+    the float64 rounding error of one result, in units of float64's eps, element by element.
+
+    The gini_kl results are small differences of O(1) terms where the gini and KL terms nearly cancel (at F = 1,
+    C = 2 and p ~ 1/2 the gradient is proportional to (1 - 2p)^3; kl ~ 0 where q ~ t), so their rounding is set by
+    the terms, not by the result, and a relative tolerance alone fails them by chance. Counting roundings (each
+    step's result carries one relative eps; C <= 3 classes, F features):
+      - p = S / Z: S one division, Z a sum over C: <= C + 2 roundings; q_c = (sum_f p + delta) / sum p:
+        <= (F + 1)(C + 1) + 3.
+      - kl = sum_c t_c (log t_c - log q_c): q's roundings enter log q as absolute errors, and the logs, the
+        difference, the product and the sum over C add <= C + 3 roundings of |t log t| + |t log q|.
+      - gini = mean_f (1 - sum_c p^2): p^2 carries 2 (C + 2) + 1, the sums C and F + 1, the difference 1:
+        <= (3 C + F + 8) (1 + sum p^2).
+      - dS[f, c] = (h[f, c] - sum_c' h p) / Z_f (kdfast.reference.gini_kl_backward; autograd through the
+        formulas forms the same difference): h <= 3 roundings of |h|, the sum over C <= C + 1, the difference 1:
+        <= 8 max_c |h[f, c]| / Z_f, carried to each element as dS is: / (n_c + delta), and / (H W) through the
+        pooling. The rest of each formula is relative rounding of the result, which the dtype's tolerance covers.
+    Upstream gradients are execute()'s (seed 0)."""
+    from kdfast.reference.gini_kl import _class_counts, _class_sums, _pooled_abs, _table
+
+    upstream = torch.Generator().manual_seed(0)
+    if isinstance(target, knn.GiniKLLoss):
+        if target.target_distribution is not None or target.target not in ("batch", "uniform"):
+            return {"outputs": {}, "grads": {}}
+        g = torch.randn((), generator=upstream, dtype=torch.float64)
+        g_gini, g_kl = target.lambda_gini * g, target.lambda_kl * g
+        options = {"target": target.target, "delta": target.delta}
+    elif target in ("gini_kl", "gini_kl_from_statistics"):
+        g_gini = torch.randn((), generator=upstream, dtype=torch.float64)
+        g_kl = torch.randn((), generator=upstream, dtype=torch.float64)
+        options = {"target": kwargs.get("target", "batch"), "delta": kwargs.get("delta", 1e-10)}
+    else:
+        return {"outputs": {}, "grads": {}}
+    if "class_sums" in kwargs:
+        class_sums, counts = kwargs["class_sums"].detach().double(), kwargs["counts"]
+    else:
+        a, labels = kwargs["activations"].detach().double(), kwargs["labels"]
+        C = kwargs["num_classes"] if isinstance(target, str) else target.num_classes
+        counts = _class_counts(labels, C, torch.float64, a.device)
+        class_sums = _class_sums(_pooled_abs(a), labels, C)
+    delta = options["delta"]
+    p, Z, t = _table(class_sums, counts, options["target"], delta)
+    F, C = p.shape
+    P = p.sum(dim=0)
+    q = (P + delta) / P.sum()
+    t_log_t, t_log_q = torch.xlogy(t, t), torch.xlogy(t, q)  # 0 where t = 0
+    kl_floor = (t * ((F + 1) * (C + 1) + 3) + (C + 3) * (t_log_t.abs() + t_log_q.abs())).sum()
+    squares = (p * p).sum(dim=1).mean()
+    gini_floor = (3 * C + F + 8) * (1 + squares)
+    if isinstance(target, knn.GiniKLLoss):  # loss = lambda_gini gini + lambda_kl kl: 2 more roundings of each term
+        gini, kl = 1 - squares, (t_log_t - t_log_q).sum()
+        outputs = {0: abs(target.lambda_gini) * (gini_floor + 2 * gini.abs())
+                   + abs(target.lambda_kl) * (kl_floor + 2 * kl.abs())}
+    else:
+        outputs = {0: gini_floor, 1: kl_floor}
+    h = -2.0 * g_gini * p / F - g_kl * t / (P + delta)
+    h = torch.where(counts > 0, h, torch.zeros_like(h))
+    per_class = 8 * (h.abs().amax(dim=1, keepdim=True) / Z).expand_as(p).t() / (counts.double() + delta)[:, None]
+    if "class_sums" in kwargs:
+        return {"outputs": outputs, "grads": {0: per_class}}  # (C, F), like class_sums
+    spatial = a[0, 0].numel() if a.dim() > 2 else 1
+    floor = per_class[labels] / spatial  # (B, F)
+    return {"outputs": outputs, "grads": {0: floor[(...,) + (None,) * (a.dim() - 2)].expand_as(a)}}
 
 
 def assert_raises(result: dict, exception: type, pattern: str, what: str) -> None:
