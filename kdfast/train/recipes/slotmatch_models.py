@@ -200,7 +200,9 @@ class SlotVideoModel(nn.Module):
         grid = (decoder_grid, decoder_grid) if feature_dim is None else self.token_shape
         self.decoder = Decoder(slot_dim, hidden, grid, out_dim, invariant)
 
-    def forward(self, inputs: Tensor, iters: tuple[int, int] | None = None) -> dict[str, Tensor]:
+    def forward(self, inputs: Tensor, iters: tuple[int, int] | None = None, decode: bool = True) -> dict[str, Tensor]:
+        """``decode=False`` skips the decoder (no ``masks``, ``colours``): a teacher's slots and attention for a
+        student cost a fifth of the whole forward (the broadcast decoder is most of it)."""
         first, later = iters or self.iters
         tokens = self.encoder(inputs)
         b, t = tokens.shape[:2]
@@ -221,8 +223,9 @@ class SlotVideoModel(nn.Module):
                 frames[k].append(grouped[k])
             slots = grouped["slots"] if self.predictor is None else self.predictor(grouped["slots"])
         out = {k: torch.stack(v, 1) for k, v in frames.items()}
-        flat = [out[k].flatten(0, 1) for k in ("slots", "positions", "scales") if k in out]
-        masks, colours = self.decoder(*flat)
         out["attention"] = out.pop("masks").unflatten(-1, self.token_shape)
-        out["masks"], out["colours"] = masks.unflatten(0, (b, t)), colours.unflatten(0, (b, t))
+        if decode:
+            flat = [out[k].flatten(0, 1) for k in ("slots", "positions", "scales") if k in out]
+            masks, colours = self.decoder(*flat)
+            out["masks"], out["colours"] = masks.unflatten(0, (b, t)), colours.unflatten(0, (b, t))
         return out
