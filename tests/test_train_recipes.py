@@ -51,6 +51,15 @@ def test_gini_recipe(tmp_path):
     assert (tmp_path / "curves.png").exists() == (report["pictures"] == ["curves.png"])
 
 
+def test_report_says_why_it_has_no_pictures():
+    report = {"recipe": "gini", "pictures": [], "settings": {"pictures": False}}
+    assert "pictures: none (--set pictures=false)" in format_report(report)
+    report["settings"]["pictures"] = True  # asked for, none written: Pillow is missing
+    assert "pictures: none (they need Pillow: pip install pillow)" in format_report(report)
+    report["pictures"] = ["curves.png"]
+    assert "pictures: curves.png" in format_report(report)
+
+
 def test_gini_label_noise_is_fixed_and_flips_the_given_fraction():
     train, _ = gini.digits()
     a, b = gini.noisy(train, 10, 20), gini.noisy(train, 10, 20)

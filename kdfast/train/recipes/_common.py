@@ -155,7 +155,7 @@ def format_report(report: dict) -> str:
         if key in ("recipe", "rows", "settings", "summary", "conclusion", "wall seconds"):  # the settings were
             continue  # printed at the start; the summary is the conclusion's numbers
         if key == "pictures":
-            value = ", ".join(value) if value else "none (they need Pillow: pip install pillow)"
+            value = ", ".join(value) if value else _no_pictures(report)
         lines.append(f"{key}: {value}")
     rows = report.get("rows") or []
     if rows:
@@ -170,6 +170,13 @@ def format_report(report: dict) -> str:
     if report.get("wall seconds") is not None:
         lines.append(f"Wall time of the whole recipe: {report['wall seconds']:.0f} s.")
     return "\n".join(lines)
+
+
+def _no_pictures(report: dict) -> str:
+    """Why a report has no pictures: turned off, or Pillow is missing."""
+    if not report.get("settings", {}).get("pictures", True):
+        return "none (--set pictures=false)"
+    return "none (they need Pillow: pip install pillow)"
 
 
 def _cell(value) -> str:
