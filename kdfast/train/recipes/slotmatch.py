@@ -67,8 +67,11 @@ from kdfast.train.recipes.slotmatch_models import SlotVideoModel, paint, token_s
 STEPS, BATCH_SIZE, LR = 1500, 8, 2e-3
 FRAMES, IMAGE_SIZE, PATCH, SLOTS, EVAL_VIDEOS = 4, 32, 2, 7, 256
 TEACHER = {"channels": 32, "slot_dim": 32, "hidden": 64}
-# The student: about 3.3x fewer parameters (the paper: 3.6x), half the slot width.
-STUDENT = {"channels": 18, "slot_dim": 16, "hidden": 32}
+# The student: 3.8x fewer parameters (the paper: 3.6x), half the slot width and the encoder's channels. 16, not
+# 18 channels: the CPU convolutions run a width of 16 at a third of the time of 18 (11 against 24 ms for 64 clips
+# at two threads), which lifts the inference speed-up from 1.70x to 1.81x; the student's FG-ARI did not drop
+# (0.687 against 0.674 with the same teacher, one seed). A narrower MLP and decoder (hidden 24: 1.99x) cost 0.04.
+STUDENT = {"channels": 16, "slot_dim": 16, "hidden": 32}
 # Attention-mask distillation at 0.005 beside slot matching at 0.01: with 500-step students it added +0.037 +- 0.020
 # FG-ARI over the same students trained alone (3/3 seeds; slot matching alone: +0.020 +- 0.025, 2/3); at 0.05 and
 # 1.0 it collapsed the student's grouping (0.12 and 0.06): the cross-entropy (~1) must stay below the
