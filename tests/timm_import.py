@@ -44,8 +44,10 @@ def _torchvision_library_loads() -> bool:
         sys.path.append(PRIVATE_TORCHVISION)
         spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
+        # torchvision 0.(m + 15) is the release made for torch 2.m (0.26 for 2.11, 0.28 for 2.13).
+        release = f"0.{int(torch.__version__.split('.')[1]) + 15}.*"
         raise ImportError(
-            f"timm needs torchvision: pip install --no-deps --target {PRIVATE_TORCHVISION} torchvision==0.28.0"
+            f"timm needs torchvision: pip install --no-deps --target {PRIVATE_TORCHVISION} 'torchvision=={release}'"
         )
     # Whether torchvision imports as it is, asked of a fresh interpreter: a load attempted here could fail where
     # torchvision's own succeeds (it first puts its bundled libraries on the loader's path), and declaring the ops
