@@ -46,6 +46,19 @@ def relative(points: Tensor, pos: Tensor, scale: Tensor) -> Tensor:
     return torch.stack([ry, rx, ry * ry, rx * rx, ry * rx], -1)
 
 
+def _products() -> Tensor:
+    """(81, 30) 0/1: the outer product of three affine forms in (y, x) (index (i, j, u, v): form i's coefficient u
+    times form j's coefficient v, u and v over (1, y, x)) -> the rows (1 r_y, 1 r_x, r_y^2, r_x^2, r_y r_x) of phi
+    on the monomials (1, y, x, y^2, x^2, xy)."""
+    rows = {(0, 1): 0, (0, 2): 1, (1, 1): 2, (2, 2): 3, (1, 2): 4}
+    monomial = {(0, 0): 0, (0, 1): 1, (1, 0): 1, (0, 2): 2, (2, 0): 2, (1, 1): 3, (2, 2): 4, (1, 2): 5, (2, 1): 5}
+    products = torch.zeros(3, 3, 3, 3, 5, 6)
+    for (i, j), row in rows.items():
+        for (u, v), m in monomial.items():
+            products[i, j, u, v, row, m] = 1.0
+    return products.view(81, 30)
+
+
 class Encoder(nn.Module):
     """Frames (B, T, 3, H, W) -> tokens (B, T, N, C): 3x3 convolutions (the first strided by ``patch``) and an MLP,
     plus a learned embedding of the absolute position unless ``absolute_position`` is False. Precomputed features
@@ -97,36 +110,45 @@ class InvariantGrouper(nn.Module):
         y, x = grid.unbind(-1)
         self.register_buffer("monomials", torch.stack([torch.ones_like(y), y, x, y * y, x * x, y * x], -1),
                              persistent=False)  # (N, 6)
+        unit_form = torch.zeros(3, 3)
+        unit_form[0, 0] = 1.0
+        self.register_buffer("unit_form", unit_form, persistent=False)
+        self.register_buffer("products", _products(), persistent=False)
         # A slot narrower than one token is not resolvable; the floor also bounds the 1 / scale^2 of the keys.
         self.min_scale = 1.0 / max(h, w) if min_scale is None else min_scale
         self.grad_last_only = grad_last_only
 
-    def coefficients(self, q: Tensor, pos: Tensor, scale: Tensor) -> Tensor:
-        """(B, K, 6): c . phi((p - mu) / sigma) with c = W_k^T q, as coefficients of (1, y, x, y^2, x^2, xy)."""
-        c0, c1, c2, c3, c4 = (q @ self.rel_k.weight).unbind(-1)
-        (my, mx), (sy, sx) = pos.unbind(-1), scale.unbind(-1)
-        a, b, e = c2 / (sy * sy), c3 / (sx * sx), c4 / (sy * sx)
-        cy, cx = c0 / sy, c1 / sx
-        return torch.stack([-cy * my - cx * mx + a * my * my + b * mx * mx + e * my * mx,
-                            cy - 2 * a * my - e * mx, cx - 2 * b * mx - e * my, a, b, e], -1)
+    def frame_maps(self, pos: Tensor, scale: Tensor) -> Tensor:
+        """(B, K, 5, 6): each slot's phi((p - mu) / sigma) as a matrix on the monomials (1, y, x, y^2, x^2, xy) of p.
+
+        r_y and r_x are affine forms in (1, y, x); with the constant form 1 they make three forms, and the rows of
+        phi are products of two of them (1 r_y, 1 r_x, r_y r_y, r_x r_x, r_y r_x): one outer product of the forms
+        and one fixed 0/1 matrix (``products``) that sorts its terms into rows and monomials. A dozen small ops per
+        iteration instead of the sixty that the same algebra took written out term by term (this loop is bound
+        by its op count on a CPU)."""
+        inv = scale.reciprocal()
+        forms = torch.cat([(-pos * inv)[..., None], torch.diag_embed(inv)], -1)  # (B, K, 2, 3): r_y, r_x
+        forms = F.pad(forms, (0, 0, 1, 0)) + self.unit_form  # (B, K, 3, 3): 1, r_y, r_x
+        outer = forms[..., :, None, :, None] * forms[..., None, :, None, :]  # (B, K, 3, 3, 3, 3): (i, j, u, v)
+        return (outer.flatten(-4) @ self.products).unflatten(-1, (5, 6))
 
     def step(self, slots, pos, scale, keys, values):
         layers = self.layers
         normed = layers.norm_slots(slots)
         q = layers.to_q(normed) * layers.scale
-        query = torch.cat([q, self.coefficients(q, pos, scale)], -1)
-        updates, attn = ops.slot_attention_core(query, keys, values, scale=1.0, eps=layers.eps)
+        maps = self.frame_maps(pos, scale)  # (B, K, 5, 6)
+        # q . W_k phi(r_ij) = (W_k^T q)^T maps_i mono_j: the query's coefficients on the keys' monomials.
+        coefficients = ((q @ self.rel_k.weight)[..., None, :] @ maps).squeeze(-2)
+        updates, attn = ops.slot_attention_core(torch.cat([q, coefficients], -1), keys, values, scale=1.0,
+                                                eps=layers.eps)
         d = q.shape[-1]
-        m_y, m_x, m_yy, m_xx, m_yx = updates[..., d:].unbind(-1)  # attention-weighted moments of the positions
-        (my, mx), (sy, sx) = pos.unbind(-1), scale.unbind(-1)
-        mean_phi = torch.stack([(m_y - my) / sy, (m_x - mx) / sx, (m_yy - 2 * my * m_y + my * my) / (sy * sy),
-                                (m_xx - 2 * mx * m_x + mx * mx) / (sx * sx),
-                                (m_yx - my * m_x - mx * m_y + my * mx) / (sy * sx)], -1)
+        moments = updates[..., d:]  # attention-weighted means of (y, x, y^2, x^2, xy)
+        mean_phi = (maps[..., 1:] @ moments[..., None]).squeeze(-1) + maps[..., 0]  # the weighted mean of phi
         update = updates[..., :d] + self.rel_v(mean_phi)
         new = layers.gru(update.flatten(0, 1), normed.flatten(0, 1)).unflatten(0, slots.shape[:2])
         new = layers.mlp(new)
-        new_pos = torch.stack([m_y, m_x], -1)
-        variance = torch.stack([m_yy - m_y * m_y, m_xx - m_x * m_x], -1)
+        new_pos = moments[..., :2]
+        variance = moments[..., 2:4] - new_pos.square()
         new_scale = variance.clamp_min(self.min_scale**2).sqrt()
         return new, new_pos, new_scale, attn
 
