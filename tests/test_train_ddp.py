@@ -26,6 +26,9 @@ class _Task(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 4))
+        # A parameter no loss reaches, as the initial slots of an implicitly differentiated slot attention (the
+        # slotmatch models): DDP must not stop at it.
+        self.unreached = nn.Parameter(torch.zeros(3))
 
     def forward(self, batch):
         return {"loss": F.cross_entropy(self.net(batch["x"]), batch["y"])}

@@ -248,7 +248,10 @@ def fit(task: nn.Module, batches: Callable[..., dict], config: TrainConfig, out:
 
     model = task
     if context.distributed:
-        model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+        # find_unused_parameters: a task may hold parameters its loss never reaches (the initial slots of an
+        # implicitly differentiated slot attention get no gradient); DDP would otherwise stop at the second step.
+        model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=True)
 
     def save(step: int) -> Path | None:
         rng = checkpoint.rng_state()
