@@ -275,3 +275,18 @@ def test_help_lists_each_recipes_settings_with_defaults(capsys):
         out = capsys.readouterr().out
         assert f"settings of {recipe} (--set KEY=VALUE; defaults shown):" in out and expected in out
         assert "checkpoint_every=100" in out
+
+
+def test_train_flushes_denormals_while_the_recipe_runs_and_restores_after(monkeypatch, tmp_path):
+    denormal = torch.tensor([1e-39])  # below float32's smallest normal, 1.18e-38
+    seen = []
+
+    def run(options):
+        seen.append(float(denormal * 1.0))
+        return {"recipe": "gini", "rows": []}
+
+    monkeypatch.setattr("kdfast.train.recipes.gini.run", run)
+    monkeypatch.setattr("kdfast.train.recipes._common.format_report", lambda report: "")
+    assert cli.main(["train", "gini", "--out", str(tmp_path)]) == 0
+    assert seen == [0.0]  # flushed inside the run
+    assert float(denormal * 1.0) > 0  # and the process is as it was after it
