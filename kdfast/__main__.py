@@ -4,4 +4,5 @@ import sys
 
 from kdfast.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when multiprocessing's spawn imports it
+    sys.exit(main())

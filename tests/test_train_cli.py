@@ -45,7 +45,8 @@ def _command(recipe: str, out: Path, *extra: str) -> list[str]:
 
 
 def _kdfast(recipe: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(recipe, out, *extra), capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    return subprocess.run(_command(recipe, out, *extra), capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
+                          check=False)
 
 
 def _error_line(done: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -164,7 +165,7 @@ def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(straight, tmp_
     out = tmp_path / "run"
     command = _command("gini", out)
     killed = subprocess.run([sys.executable, "-c", _DIE_WHILE_WRITING, *command[3:]], capture_output=True,
-                            env=ENV, timeout=TIMEOUT)
+                            env=ENV, timeout=TIMEOUT, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert (out / "ce_noise0_seed3" / "checkpoint.pt.tmp").stat().st_size > 4096  # the write that was cut short
     assert torch.load(out / "ce_noise0_seed3" / "checkpoint.pt", weights_only=False)["step"] == 4  # the one before it
@@ -290,3 +291,41 @@ def test_train_flushes_denormals_while_the_recipe_runs_and_restores_after(monkey
     assert cli.main(["train", "gini", "--out", str(tmp_path)]) == 0
     assert seen == [0.0]  # flushed inside the run
     assert float(denormal * 1.0) > 0  # and the process is as it was after it
+
+
+def _same_students(a: Path, b: Path) -> None:
+    """The student checkpoints bitwise and their metrics.jsonl line by line, throughput aside."""
+    for arm in ("student", "student_alone"):
+        _same(torch.load(a / arm / "checkpoint.pt", weights_only=False),
+              torch.load(b / arm / "checkpoint.pt", weights_only=False), arm)
+        lines = [[_without_throughput(json.loads(line)) for line in (run / arm / "metrics.jsonl").read_text().splitlines()]
+                 for run in (a, b)]
+        assert lines[0] == lines[1], arm
+
+
+def test_slotmatch_students_side_by_side_stop_together_and_resume_to_the_in_turn_run(straight, tmp_path):
+    """With 2 threads the lone student trains in a background process on 1 thread beside the distilled one on the
+    other: the same numbers as both in turn on 1 thread. SIGTERM stops both with checkpoints; --resume finishes."""
+    teacher = ["--teacher", str(straight("slotmatch")[0] / "teacher" / "checkpoint.pt"), "--steps", "150",
+               "--checkpoint-every", "0"]
+    in_turn = tmp_path / "in-turn"
+    done = _kdfast("slotmatch", in_turn, *teacher)
+    assert done.returncode == 0 and "background process" not in done.stdout, done.stderr
+    two_threads = {**ENV, "OMP_NUM_THREADS": "2"}
+    out = tmp_path / "side-by-side"
+    process = subprocess.Popen(_command("slotmatch", out, *teacher), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=two_threads)
+    logs = [out / arm / "metrics.jsonl" for arm in ("student", "student_alone")]
+    deadline = time.monotonic() + TIMEOUT
+    while not all(log.exists() and log.read_text() for log in logs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    stdout, err = process.communicate(timeout=TIMEOUT)
+    assert "slotmatch [student_alone]: trains in a background process on 1 thread(s)" in stdout
+    assert process.returncode == 128 + signal.SIGTERM, err
+    steps = [torch.load(out / arm / "checkpoint.pt", weights_only=False)["step"] for arm in ("student", "student_alone")]
+    assert all(0 < step < 150 for step in steps), steps
+    resumed = subprocess.run(_command("slotmatch", out, *teacher, "--resume"), capture_output=True, text=True,
+                             env=two_threads, timeout=TIMEOUT, check=False)
+    assert resumed.returncode == 0 and "background process" in resumed.stdout, resumed.stderr
+    _same_students(in_turn, out)

@@ -96,6 +96,10 @@ class NonFiniteLoss(RuntimeError):
         kept = f"the last finite checkpoint is {path} (step {saved_step})" if path else "no checkpoint was written"
         super().__init__(f"{description}: non-finite loss at step {step} ({bad}); training stopped, {kept}")
         self.step, self.terms, self.path = step, terms, path
+        self._arguments = (description, step, terms, path, saved_step)
+
+    def __reduce__(self):  # pickles (a training in a background process raises it there)
+        return type(self), self._arguments
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -104,6 +108,9 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, path: Path | None, signum: int = signal.SIGINT):
         super().__init__(f"interrupted after step {step}" + (f"; checkpoint written to {path}" if path else ""))
         self.step, self.path, self.signum = step, path, signum
+
+    def __reduce__(self):
+        return type(self), (self.step, self.path, self.signum)
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
